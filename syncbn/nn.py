@@ -1,0 +1,91 @@
+"""``SyncBatchNorm``: a drop-in ``torch.nn.SyncBatchNorm`` that is exact, lean and runs on CPU too.
+
+It subclasses ``torch.nn.modules.batchnorm._BatchNorm`` so that its state_dict keys are those of
+``nn.BatchNorm1d/2d/3d`` (checkpoints move both ways) and so that code testing
+``isinstance(m, _BatchNorm)`` (no-weight-decay rules, freezing helpers) keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import check_input, sync_batch_norm
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization over the union of the batches of all ranks in ``process_group``.
+
+    In training mode every rank's output is what ``nn.BatchNorm{1,2,3}d`` would give on the
+    concatenation of all ranks' inputs, whatever each rank's batch size (a rank may hold zero
+    samples); running statistics follow the same global batch and are identical on every rank.
+    Forward and backward each make one ``all_reduce`` of ``2C + 1`` (forward) or ``2C``
+    (backward) values. In eval mode, without an initialized process group, or in a group of
+    one rank, it is plain BatchNorm with no communication.
+
+    Args:
+        num_features: C in an input of shape (N, C, *), 2 to 5 dimensions.
+        eps: added to the variance for numerical stability.
+        momentum: weight of the new batch statistic in the running statistics; ``None`` for a
+            cumulative moving average.
+        affine: learnable per-channel weight and bias.
+        track_running_stats: keep running mean and variance (used in eval mode).
+        process_group: the ranks to synchronize with; ``None`` is the whole world.
+
+    Shape:
+        input (N, C, *) of float64, float32, float16 or bfloat16, contiguous or channels_last;
+        output of the same shape, dtype and memory format.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        check_input(input, self.num_features)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+
+        # Exactly nn.BatchNorm's bookkeeping, except that the cumulative-average factor of
+        # momentum=None stays a device tensor instead of being read back to the host.
+        momentum: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = self.num_batches_tracked.double().reciprocal()
+
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
+
+        if use_batch_stats and not self.training:
+            # Eval mode without running statistics: local batch statistics, no communication
+            # (as torch.nn.SyncBatchNorm).
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return sync_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            self.process_group,
+        )

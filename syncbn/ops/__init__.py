@@ -1,0 +1,51 @@
+"""Backend selection: which implementation of the local passes a tensor takes.
+
+Two backends share one interface (``local_stats``, ``finalize``, ``normalize``,
+``backward_reduce``, ``backward_elemt``): ``reference`` (torch ops; every CPU tensor) and
+``triton`` (GPU kernels; CUDA tensors of half and single precision, when Triton is importable).
+``SYNCBN_BACKEND=torch`` forces the torch-ops path everywhere, which is how the GPU tests get a
+second opinion on the same device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKEND_ENV = "SYNCBN_BACKEND"
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_backend() -> ModuleType | None:
+    """The Triton backend module, or None when Triton (or the kernels) cannot be imported.
+
+    Imported lazily: importing Triton costs hundreds of milliseconds and CPU-only users never
+    need it.
+    """
+    try:
+        from . import triton as triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def backend_name(x: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the path a tensor like ``x`` takes through the layer."""
+    if os.environ.get(BACKEND_ENV, "").strip().lower() in ("torch", "reference"):
+        return "torch"
+    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_backend() is not None:
+        return "triton"
+    return "torch"
+
+
+def backend_for(x: torch.Tensor) -> ModuleType:
+    """The backend module that runs the local passes for ``x``."""
+    if backend_name(x) == "triton":
+        return triton_backend()
+    return reference

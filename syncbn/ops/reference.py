@@ -1,0 +1,162 @@
+"""The torch-ops path: local reductions and elementwise passes built from ATen's own kernels.
+
+It runs every CPU tensor (and CUDA tensors where the Triton kernels cannot), and it is the
+second opinion the kernel tests compare against. Each function is one backend operation with
+the same signature as its twin in ``syncbn.ops.triton``; ``syncbn.functional`` composes them
+around the two collectives.
+
+Speed on CPU comes from counting passes over memory. ``F.batch_norm(..., training=True)`` is
+the budget, so every operation here is one ATen kernel over the activation, never a chain of
+elementwise ops with temporaries:
+
+- statistics: ``torch.batch_norm_update_stats`` (two-pass, double accumulation on CPU; about
+  3x faster than ``torch.var_mean``);
+- normalize: the eval-mode ``batch_norm`` kernel with the global mean and ``var = 1, eps = 0``
+  so that ``weight * invstd`` is applied exactly once;
+- backward reduction: the eval-mode ``native_batch_norm_backward`` kernel, whose weight and
+  bias gradients are exactly ``sum(dy * (x - mean))`` and ``sum(dy)`` when ``invstd`` is 1;
+- backward elementwise: ``dx = a * dy + (b * (x - mean) + c)``, the bracket again from the
+  eval-mode ``batch_norm`` kernel, then one fused ``addcmul_``.
+
+``torch.batch_norm_stats``, ``batch_norm_elemt`` and friends would fit better but have no CPU
+kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator and statistics dtype for an input dtype: float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast against an (N, C, *) input of ``ndim`` dimensions."""
+    return t.view((-1,) + (1,) * (ndim - 2))
+
+
+def local_stats(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel local moments packed for the all-reduce.
+
+    Returns a float64 tensor of 2C+1 values: ``[sum(x) per channel, sum(x**2) per channel,
+    count]`` where the sum of squares is formed as ``M2 + n * mean**2`` from a numerically
+    stable mean/variance (never by squaring in low precision), and ``count`` is the number of
+    values per channel on this rank.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    packed = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
+    if count == 0:
+        return packed.zero_()
+    if x.dtype in HALF_DTYPES:
+        # With float32 running buffers the mixed-dtype kernel returns float32 statistics; the
+        # buffers are scratch (momentum 0 leaves them as they are).
+        scratch_mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
+        scratch_var = torch.ones(channels, dtype=torch.float32, device=x.device)
+        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
+    else:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    mean, var = mean.to(torch.float64), var.to(torch.float64)
+    torch.mul(mean, count, out=packed[:channels])
+    torch.addcmul(var, mean, mean, out=packed[channels : 2 * channels]).mul_(count)
+    packed[2 * channels] = count
+    return packed
+
+
+def _like(momentum: float | torch.Tensor, buffer: torch.Tensor) -> float | torch.Tensor:
+    """``lerp_`` takes a tensor weight only in the buffer's own dtype."""
+    return momentum.to(buffer.dtype) if isinstance(momentum, torch.Tensor) else momentum
+
+
+def finalize(
+    stats: torch.Tensor,
+    eps: float,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global mean and invstd from the all-reduced ``stats``; updates the running buffers in place.
+
+    Everything stays on the device: the global count is read as a tensor, the unbiased variance
+    is ``var * n / (n - 1)``, and ``momentum`` may be a 0-d tensor (the cumulative average of
+    ``momentum=None``). The caller guarantees a global count of at least 2.
+    """
+    channels = (stats.numel() - 1) // 2
+    count = stats[2 * channels]
+    mean = stats[:channels] / count
+    var = (stats[channels : 2 * channels] / count).sub_(mean * mean).clamp_(min=0.0)
+    invstd = (var + eps).rsqrt_()
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), _like(momentum, running_mean))
+    if running_var is not None:
+        unbiased = var.mul_(count / (count - 1))
+        running_var.lerp_(unbiased.to(running_var.dtype), _like(momentum, running_var))
+    return mean.to(dtype), invstd.to(dtype)
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = None if bias is None else bias.to(invstd.dtype)
+    one = torch.ones_like(invstd)
+    # var = 1, eps = 0: the kernel's own 1/sqrt(var + eps) is exactly 1.
+    return F.batch_norm(x, mean, one, scale, shift, False, 0.0, 0.0)
+
+
+def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Local ``[sum(dy), sum(dy * (x - mean))]`` per channel, packed as 2C values of mean's dtype."""
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
+    one = torch.ones_like(mean)
+    # Eval-mode backward with var = 1, eps = 0: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
+    _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, one, mean, one, None, None, False, 0.0, [False, True, True]
+    )
+    return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
+
+
+def backward_elemt(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Input gradient from the global ``sums = [sum_dy, sum_dy_xmu]`` and global ``count``.
+
+    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    """
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    dtype = mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(dtype)  # w * invstd
+    inv_count = count.to(dtype).reciprocal()
+    mean_dy = sums[:channels] * inv_count
+    mean_dy_xmu = sums[channels:] * inv_count
+    xmu_coef = -scale * invstd * invstd * mean_dy_xmu  # multiplies (x - mean)
+    const = -scale * mean_dy
+    if x.dtype in HALF_DTYPES:
+        # Two roundings to half precision would double the error; work in float32.
+        x, grad_out, out_dtype = x.float(), grad_out.float(), x.dtype
+    else:
+        out_dtype = None
+    one = torch.ones_like(mean)
+    grad_in = F.batch_norm(x, mean, one, xmu_coef, const, False, 0.0, 0.0)
+    grad_in.addcmul_(grad_out, _channel_view(scale, x.dim()))
+    return grad_in if out_dtype is None else grad_in.to(out_dtype)
