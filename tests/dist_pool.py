@@ -351,21 +351,37 @@ class _Generation:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
-    def stacks(self, ranks: Sequence[int]) -> dict[int, str]:
-        """Ask hung workers for their Python stacks (best effort, ~0.3 s)."""
-        if not hasattr(signal, "SIGUSR1") or not ranks:
+    def stacks(self, ranks: Sequence[int], wait_s: float = 2.0) -> dict[int, str]:
+        """Ask hung workers for their Python stacks (best effort, usually ~0.1 s).
+
+        faulthandler writes the dump from the signal handler, so it works even
+        while the worker is blocked inside gloo; on a busy 2-core machine the
+        worker may need a moment to be scheduled, hence the short poll for the
+        file to appear and stop growing.
+        """
+        if not hasattr(signal, "SIGUSR1"):
             return {}
+        asked = []
         for rank in ranks:
             with contextlib.suppress(OSError):
                 os.kill(self.procs[rank].pid, signal.SIGUSR1)
-        time.sleep(0.3)  # faulthandler writes from the signal handler, promptly
+                asked.append(rank)
+        sizes = dict.fromkeys(asked, 0)
+        deadline = time.monotonic() + wait_s
+        while sizes and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for rank, last in list(sizes.items()):
+                size = _file_size(self.dump_paths[rank])
+                if size and size == last:
+                    del sizes[rank]  # non-empty and no longer growing
+                else:
+                    sizes[rank] = size
         out = {}
-        for rank in ranks:
-            with contextlib.suppress(OSError):
-                with open(self.dump_paths[rank]) as f:
-                    text = f.read().strip()
-                if text:
-                    out[rank] = _trim_stack(text)
+        for rank in asked:
+            with contextlib.suppress(OSError), open(self.dump_paths[rank]) as f:
+                text = f.read().strip()
+            if text:
+                out[rank] = _trim_stack(text)
         return out
 
     def kill(self) -> None:
@@ -382,6 +398,13 @@ class _Generation:
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         self.kill()
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _trim_stack(dump: str) -> str:
@@ -449,6 +472,10 @@ class WorkerPool:
         """How many times workers were started (1 + number of restarts)."""
         self._gen: _Generation | None = None
         self._seq = 0
+
+    def __repr__(self) -> str:
+        state = "running" if self._gen is not None else "stopped"
+        return f"<WorkerPool {state}, started {self.starts}x, {self._seq} tasks>"
 
     # -- lifecycle ---------------------------------------------------------
 
