@@ -31,7 +31,10 @@ the default world). Group names: ``"w1"`` [0], ``"w2"`` [0, 1], ``"w3"``
 0), and ``"pairs"``: two independent groups [0, 1] and [2, 3] running the case
 at the same time. Return values (tensors included, strides and dtypes kept)
 come back as a list ordered by global rank, which for every group but
-``"pairs"`` is also the order of ranks within the group.
+``"pairs"`` is also the order of ranks within the group. Arguments and return
+values travel through ``torch.save`` bytes, so they must be picklable (not
+``ctx`` itself: a ``ProcessGroup`` is not), and a tensor view carries its
+whole storage.
 
 A case that *expects* an exception should catch it itself (e.g. with
 ``pytest.raises`` inside the case) and return normally: any exception that
@@ -611,7 +614,12 @@ class WorkerPool:
                         broken.add(rank)  # died; its sentinel reports it
                         continue
                     pending.discard(rank)
-                    replies.add(rank, _loads(data), seq)
+                    try:
+                        reply = _loads(data)
+                    except Exception:  # e.g. a returned object whose class the parent cannot import
+                        replies.errors[rank] = "reply could not be unpickled:\n" + traceback.format_exc()
+                    else:
+                        replies.add(rank, reply, seq)
             for obj in ready:
                 if obj in by_sentinel and by_sentinel[obj] in pending:
                     rank = by_sentinel[obj]

@@ -196,7 +196,7 @@ def test_exception_on_one_rank_reports_its_traceback_and_pool_recovers(
     start = time.monotonic()
     with pytest.raises(WorkerError) as excinfo:
         pool.run(_case_rank1_raises_before_collective, group="w2", timeout=60)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # grace + stack dump + kill; far below 60 s
     assert not isinstance(excinfo.value, WorkerTimeout)
     assert list(excinfo.value.errors) == [1] and excinfo.value.missing == [0]
     message = str(excinfo.value)
@@ -214,7 +214,7 @@ def test_collective_called_by_one_rank_times_out_and_pool_recovers(pool: WorkerP
     with pytest.raises(WorkerTimeout) as excinfo:
         pool.run(_case_only_rank0_all_reduce, group="w2", timeout=3)
     elapsed = time.monotonic() - start
-    assert 3 <= elapsed < 8
+    assert 3 <= elapsed < 15  # timeout + stack dump + kill, even on a loaded machine
     assert isinstance(excinfo.value, TimeoutError)
     assert excinfo.value.missing == [0]
     message = str(excinfo.value)
@@ -228,13 +228,14 @@ def test_gloo_timeout_fails_the_case_without_a_parent_timeout() -> None:
     # A dedicated pool whose process groups give up after 2 s: the stuck
     # collective raises inside the worker long before the run's own timeout.
     with WorkerPool(pg_timeout=2) as short:
+        _started(short)  # keep the start-up out of the timing
         start = time.monotonic()
         with pytest.raises(WorkerError) as excinfo:
             short.run(_case_only_rank0_all_reduce, group="w2", timeout=60)
         assert time.monotonic() - start < 15
         assert not isinstance(excinfo.value, WorkerTimeout)
         assert list(excinfo.value.errors) == [0]
-        assert "imed out" in str(excinfo.value)  # gloo's "Timed out waiting ..."
+        assert "Timed out" in str(excinfo.value)  # gloo: "Timed out waiting 2000ms for recv ..."
 
 
 def test_dead_worker_is_reported_with_exit_code_and_pool_recovers(pool: WorkerPool) -> None:
