@@ -548,7 +548,8 @@ class WorkerPool:
         ranks = sorted(r for ranks in GROUPS[group] for r in ranks)
         if per_rank_args is not None and len(per_rank_args) != len(ranks):
             raise ValueError(
-                f"per_rank_args has {len(per_rank_args)} entries, group {group!r} has {len(ranks)} ranks"
+                f"per_rank_args has {len(per_rank_args)} entries, "
+                f"group {group!r} has {len(ranks)} ranks"
             )
         self._seq += 1
         # Serialise everything before sending anything: an unpicklable
@@ -616,8 +617,9 @@ class WorkerPool:
                     pending.discard(rank)
                     try:
                         reply = _loads(data)
-                    except Exception:  # e.g. a returned object whose class the parent cannot import
-                        replies.errors[rank] = "reply could not be unpickled:\n" + traceback.format_exc()
+                    except Exception:  # e.g. a returned object of a class the parent lacks
+                        tb = traceback.format_exc()
+                        replies.errors[rank] = f"its reply could not be unpickled:\n{tb}"
                     else:
                         replies.add(rank, reply, seq)
             for obj in ready:
