@@ -197,6 +197,7 @@ def _worker_main(
     world_size: int,
     store_port: int,
     pg_timeout_s: float,
+    start_timeout_s: float,
     conn: Connection,
     stack_dump_path: str,
 ) -> None:
@@ -212,12 +213,22 @@ def _worker_main(
         faulthandler.register(signal.SIGUSR1, file=dump_file, all_threads=True)
 
     try:
-        timeout = datetime.timedelta(seconds=pg_timeout_s)
+        # Rendezvous gets the generous start-up timeout: on a loaded machine
+        # the workers finish importing torch seconds apart, and a short
+        # pg_timeout (as a test may choose) must not make start-up fail.
+        # Collectives then get pg_timeout. Without torch's (private) setter,
+        # fall back to pg_timeout for both.
+        op_timeout = datetime.timedelta(seconds=pg_timeout_s)
+        can_retime = hasattr(dist.distributed_c10d, "_set_pg_timeout")
+        timeout = datetime.timedelta(seconds=start_timeout_s) if can_retime else op_timeout
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
         dist.init_process_group(
             "gloo", store=store, rank=global_rank, world_size=world_size, timeout=timeout
         )
         groups = _build_groups(global_rank, timeout)
+        if can_retime:
+            for ctx in groups.values():
+                dist.distributed_c10d._set_pg_timeout(op_timeout, ctx.group)
     except BaseException:
         conn.send_bytes(_dumps(("init-error", traceback.format_exc())))
         return
@@ -339,7 +350,15 @@ class _Generation:
                     dump_path = os.path.join(self.tmpdir.name, f"stack-{rank}.txt")
                     proc = mp.Process(
                         target=_worker_main,
-                        args=(rank, MAX_WORLD, self.store.port, pg_timeout, child_end, dump_path),
+                        args=(
+                            rank,
+                            MAX_WORLD,
+                            self.store.port,
+                            pg_timeout,
+                            start_timeout,
+                            child_end,
+                            dump_path,
+                        ),
                         name=f"dist-pool-rank{rank}",
                     )
                     proc.start()
@@ -461,10 +480,11 @@ class WorkerPool:
     ) -> None:
         """
         Args:
-            pg_timeout: gloo/store timeout inside the workers, in seconds; the
+            pg_timeout: gloo collective timeout inside the workers, in seconds; the
                 bound on how long a stuck collective can block a worker that
                 nobody kills.
-            start_timeout: how long starting the workers may take.
+            start_timeout: how long starting the workers may take; also the
+                rendezvous (store, init, new_group) timeout inside them.
             error_grace: after one rank fails, how long the others get to
                 finish before they are presumed stuck in a collective.
         """
