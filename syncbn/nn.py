@@ -7,6 +7,8 @@ It subclasses ``torch.nn.modules.batchnorm._BatchNorm`` so that its state_dict k
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -98,3 +100,14 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             self.process_group,
         )
+
+    def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
+        # A ProcessGroup is a process-wide communicator handle that cannot be copied (deepcopy
+        # of torch.nn.SyncBatchNorm with a group fails): a deep copy of the layer (an EMA model,
+        # a frozen teacher) synchronizes over the same group. Everything else as the default.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
