@@ -80,8 +80,6 @@ class _FrozenTrain:
     layer was first frozen, for ``unfreeze_batchnorm`` to restore.
     """
 
-    __slots__ = ("module", "requires_grad")
-
     def __init__(self, module: nn.Module, requires_grad: dict[str, bool]) -> None:
         self.module = module
         self.requires_grad = requires_grad
@@ -111,7 +109,8 @@ def freeze_batchnorm(module: nn.Module, requires_grad: bool = False) -> nn.Modul
     A frozen layer, whether ``syncbn.SyncBatchNorm``, ``torch.nn.SyncBatchNorm``,
     ``nn.BatchNorm1d/2d/3d`` or a subclass of them, is put in eval mode and stays there through
     every later ``model.train()``: it normalizes with its running statistics, never updates
-    them and never communicates. Its own parameters (the affine weight and bias) get
+    them and never communicates (a layer with ``track_running_stats=False`` has none, so it
+    normalizes each batch with that rank's own statistics). Its own parameters (the affine weight and bias) get
     ``requires_grad=requires_grad``; pass True to keep training the affine transform while the
     statistics stay fixed.
 

@@ -581,7 +581,9 @@ def test_freezing_survives_deepcopy(convert):
 @pytest.mark.parametrize("convert", [False, True])
 def test_freezing_survives_pickle_and_torch_save(convert):
     model = _mixed_frozen(convert)
-    _check_frozen_copy(model, pickle.loads(pickle.dumps(model)))
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        _check_frozen_copy(model, pickle.loads(pickle.dumps(model, protocol=protocol)))
+        model.train()
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
