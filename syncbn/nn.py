@@ -7,6 +7,8 @@ It subclasses ``torch.nn.modules.batchnorm._BatchNorm`` so that its state_dict k
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -55,11 +57,20 @@ class SyncBatchNorm(_BatchNorm):
         )
         self.process_group = process_group
 
+    # For syncbn.revert_sync_batchnorm (see syncbn.convert): which nn.BatchNorm{1,2,3}d this layer
+    # goes back to. ``batchnorm_dim`` is set by convert_sync_batchnorm from an nn.BatchNormNd (or
+    # by hand); without it the input dimensionality last seen in forward decides (0: none yet).
+    # Class-level defaults, so layers built or pickled without them read None / 0.
+    batchnorm_dim: int | None = None
+    _input_dim: int = 0
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_input(input, self.num_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        if input.dim() != self._input_dim:  # one int compare; records the rank for revert
+            self._input_dim = input.dim()
 
         # Exactly nn.BatchNorm's bookkeeping, except that the cumulative-average factor of
         # momentum=None stays a device tensor instead of being read back to the host.
@@ -89,3 +100,14 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             self.process_group,
         )
+
+    def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
+        # A ProcessGroup is a process-wide communicator handle that cannot be copied (deepcopy
+        # of torch.nn.SyncBatchNorm with a group fails): a deep copy of the layer (an EMA model,
+        # a frozen teacher) synchronizes over the same group. Everything else as the default.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
