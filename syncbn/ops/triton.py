@@ -18,9 +18,9 @@ than the input is brought to the input's layout with one copy (an expanded gradi
 Passes and kernels (launches per call in brackets):
 
 - ``local_stats`` [2]: ``_reduce_*_kernel`` splits every channel's ``N*S`` values over many
-  programs; each writes its tile's ``(mean, M2)`` in float32, accumulated as sums of
-  ``x - pivot`` and ``(x - pivot)**2`` with the pivot the mean of the program's first tile (so
-  a mean of 1e4 with a std of 1 costs no digits). ``_merge_kernel`` merges the tiles per
+  programs; each writes its tile's ``(mean - pivot, M2, pivot)`` in float32, accumulated as
+  sums of ``x - pivot`` and ``(x - pivot)**2`` with the pivot the mean of the program's first
+  step (so a mean of 1e4 with a std of 1 costs no digits). ``_merge_kernel`` merges the tiles per
   channel with Chan's formula in float64 and writes the packed ``[sum, sum of squares, count]``.
 - ``finalize`` [1]: ``_finalize_kernel``, mean, invstd and the running-statistics lerp for all
   channels, with a float or a 0-d device tensor momentum (never read on the host).
@@ -57,7 +57,7 @@ def _reduce_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous input
     dy_ptr,  # (N, C, S) contiguous grad_out (GRAD only)
     mean_ptr,  # (C,) global mean (GRAD only)
-    part_ptr,  # (2, C, T) float32 out: [tile mean, tile M2] or [sum dy, sum dy*(x-mean)]
+    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot] or (2, C, T) [sum dy, sum dy*(x-mean)]
     N,
     C,
     S,
@@ -120,16 +120,17 @@ def _reduce_ncs_kernel(
 
     s1 = tl.sum(acc1, axis=1)
     s2 = tl.sum(acc2, axis=1)
-    if GRAD:
-        out1 = s1
-        out2 = s2
-    else:
-        count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
-        out1 = pivot + s1 / count
-        out2 = tl.maximum(s2 - s1 * (s1 / count), 0.0)
     c = c0 + c_local
-    tl.store(part_ptr + c * T + t, out1, mask=c_mask)
-    tl.store(part_ptr + C * T + c * T + t, out2, mask=c_mask)
+    if GRAD:
+        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
+    else:
+        # The pivot travels apart from the shifted mean: their float32 sum would lose the
+        # mean's low digits (an ulp of 1e4 is 1e-3) and the merge would turn that into variance.
+        count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
+        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _reduce_mc_kernel(
     x_ptr,  # (M, C) row-major input
     dy_ptr,  # (M, C) row-major grad_out (GRAD only)
     mean_ptr,  # (C,) global mean (GRAD only)
-    part_ptr,  # (2, C, T) float32 out, as in _reduce_ncs_kernel
+    part_ptr,  # (3 or 2, C, T) float32 out, as in _reduce_ncs_kernel
     M,
     C,
     rows_per,  # rows per tile (a multiple of BLOCK_M)
@@ -190,19 +191,18 @@ def _reduce_mc_kernel(
     s1 = tl.sum(acc1, axis=0)
     s2 = tl.sum(acc2, axis=0)
     if GRAD:
-        out1 = s1
-        out2 = s2
+        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
     else:
         count = (m_hi - m_lo).to(tl.float32)
-        out1 = pivot + s1 / count
-        out2 = tl.maximum(s2 - s1 * (s1 / count), 0.0)
-    tl.store(part_ptr + c * T + t, out1, mask=c_mask)
-    tl.store(part_ptr + C * T + c * T + t, out2, mask=c_mask)
+        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr,  # (2, C, T) float32 tile partials from a _reduce_*_kernel
+    part_ptr,  # (3 or 2, C, T) float32 tile partials from a _reduce_*_kernel
     out_ptr,  # stats: (2C+1,) float64 [sum x, sum x^2, count]; GRAD: (2C,) [sum dy, sum dy_xmu]
     C,
     T,
@@ -229,6 +229,8 @@ def _merge_kernel(
         offs = c[:, None] * T + t[None, :]
         p1 = tl.load(part_ptr + offs, mask=mask, other=0.0).to(tl.float64)
         p2 = tl.load(part_ptr + C * T + offs, mask=mask, other=0.0).to(tl.float64)
+        if not GRAD:  # tile mean = pivot + shifted mean, exact in float64
+            p1 += tl.load(part_ptr + 2 * C * T + offs, mask=mask, other=0.0).to(tl.float64)
         if GRAD:
             acc1 += tl.sum(p1, axis=1)
             acc2 += tl.sum(p2, axis=1)
@@ -290,13 +292,13 @@ def _finalize_kernel(
     # torch.lerp's formula (two branches), so that a weight of 1 gives exactly the new value.
     if HAS_RUNNING_MEAN:
         old = tl.load(running_mean_ptr + c, mask=mask)
-        new = mean.to(old.dtype).to(tl.float32)
+        new = mean.to(tl.float32).to(old.dtype).to(tl.float32)
         old = old.to(tl.float32)
         upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
         tl.store(running_mean_ptr + c, upd, mask=mask)
     if HAS_RUNNING_VAR:
         old = tl.load(running_var_ptr + c, mask=mask)
-        new = (var * (n / (n - 1.0))).to(old.dtype).to(tl.float32)
+        new = (var * (n / (n - 1.0))).to(tl.float32).to(old.dtype).to(tl.float32)
         old = old.to(tl.float32)
         upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
         tl.store(running_var_ptr + c, upd, mask=mask)
@@ -599,13 +601,14 @@ def _elemt_config(view: _View, itemsize: int, tile_bytes: int) -> _ElemtConfig:
 
 
 def _reduce(x: torch.Tensor, view: _View, dy: torch.Tensor | None, mean: torch.Tensor | None):
-    """Launch a reduce kernel; returns the (2, C, T) partials and the config."""
+    """Launch a reduce kernel; returns the (3 or 2, C, T) partials and the config."""
     cfg = _reduce_config(
         view, x.element_size(), _sm_count(x.device), TUNING.tile_bytes,
         TUNING.reduce_programs_per_sm, TUNING.max_tiles, TUNING.merge_step,
     )  # fmt: skip
     grad = dy is not None
-    part = torch.empty((2, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
+    slots = 2 if grad else 3
+    part = torch.empty((slots, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
     dy_arg = dy if grad else x
     mean_arg = mean if grad else part
     if view.kind == "ncs":
