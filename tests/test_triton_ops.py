@@ -48,15 +48,24 @@ OUT_TOL = {
     torch.bfloat16: (8e-3, 1.6e-2),  # one bfloat16 rounding apart at most (ulp 2**-7)
 }
 
+# Launch rules shrunk so that tiny tensors get what big ones get on a GPU: many tiles per channel
+# (the merge kernel loops over them), and tiles of many steps (the reduce loop, odd and even
+# step counts).
 MANY_TILES = triton_ops.Tuning(
-    tile_bytes=128, reduce_programs_per_sm=4, max_tiles=64, merge_step=4, sm_count=8
-)
+    tile_bytes=256, reduce_programs_per_sm=4, workspace_fraction=100.0, max_tiles=64,
+    merge_step=4, sm_count=8,
+)  # fmt: skip
+LONG_TILES = triton_ops.Tuning(
+    tile_bytes=64, reduce_programs_per_sm=3, workspace_fraction=100.0, max_tiles=64,
+    merge_step=2, sm_count=1,
+)  # fmt: skip
+TILINGS = {"default-tiles": None, "many-tiles": MANY_TILES, "long-tiles": LONG_TILES}
 
 
-@pytest.fixture(params=["default-tiles", "many-tiles"])
+@pytest.fixture(params=list(TILINGS))
 def tiling(request, monkeypatch):
-    if request.param == "many-tiles":
-        monkeypatch.setattr(triton_ops, "TUNING", MANY_TILES)
+    if TILINGS[request.param] is not None:
+        monkeypatch.setattr(triton_ops, "TUNING", TILINGS[request.param])
     return request.param
 
 

@@ -53,11 +53,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _ncs_step(
+    x_ptr, dy_ptr, k, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+    BLOCK_S: tl.constexpr, GRAD: tl.constexpr,
+):  # fmt: skip
+    """Step ``k`` of a (N, C, S) tile: [BLOCK_C, BLOCK_S] values of x (and dy) in float32.
+
+    A step past the tile (``k >= n_iter``, the odd tail of the unrolled loop) loads nothing.
+    """
+    n = n_lo + k // chunks
+    s0 = s_lo + (k % chunks) * BLOCK_S
+    base = (n.to(tl.int64) * C + c0) * S + s0
+    s_left = tl.where(k < n_iter, s_hi - s0, 0)
+    mask = c_mask[:, None] & (s_offs[None, :] < s_left)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if GRAD:
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = x
+    return x, dy, mask
+
+
+@triton.jit
 def _reduce_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous input
     dy_ptr,  # (N, C, S) contiguous grad_out (GRAD only)
     mean_ptr,  # (C,) global mean (GRAD only)
-    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot] or (2, C, T) [sum dy, sum dy*(x-mean)]
+    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot]; GRAD: (2, C, T) [sum dy, sum dy*(x-mean)]
     N,
     C,
     S,
@@ -88,13 +110,13 @@ def _reduce_ncs_kernel(
     s_offs = tl.arange(0, BLOCK_S)
     offs = c_local[:, None] * S + s_offs[None, :]  # BLOCK_C > 1 only when S is small
 
-    # Iteration 0, peeled: it also gives the per-channel pivot (stats) or loads the mean (GRAD).
-    base = (n_lo.to(tl.int64) * C + c0) * S + s_lo
-    mask = c_mask[:, None] & (s_offs[None, :] < s_hi - s_lo)
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    # Step 0, peeled: it gives the per-channel pivot (statistics) or goes with the mean (GRAD).
+    x, dy, mask = _ncs_step(
+        x_ptr, dy_ptr, 0, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+        BLOCK_S, GRAD,
+    )  # fmt: skip
     if GRAD:
         pivot = tl.load(mean_ptr + c0 + c_local, mask=c_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         acc1 = dy
         acc2 = dy * tl.where(mask, x - pivot[:, None], 0.0)
     else:
@@ -103,20 +125,24 @@ def _reduce_ncs_kernel(
         acc1 = d
         acc2 = d * d
 
-    for k in range(1, n_iter):
-        n = n_lo + k // chunks
-        s0 = s_lo + (k % chunks) * BLOCK_S
-        base = (n.to(tl.int64) * C + c0) * S + s0
-        mask = c_mask[:, None] & (s_offs[None, :] < s_hi - s0)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - pivot[:, None], 0.0)
+    # Two steps per iteration, so that two loads are in flight before either is used.
+    for k in range(1, n_iter, 2):
+        xa, dya, ma = _ncs_step(
+            x_ptr, dy_ptr, k, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+            BLOCK_S, GRAD,
+        )  # fmt: skip
+        xb, dyb, mb = _ncs_step(
+            x_ptr, dy_ptr, k + 1, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask,
+            s_offs, BLOCK_S, GRAD,
+        )  # fmt: skip
+        da = tl.where(ma, xa - pivot[:, None], 0.0)
+        db = tl.where(mb, xb - pivot[:, None], 0.0)
         if GRAD:
-            dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            acc1 += dy
-            acc2 += dy * d
+            acc1 += dya + dyb
+            acc2 += dya * da + dyb * db
         else:
-            acc1 += d
-            acc2 += d * d
+            acc1 += da + db
+            acc2 += da * da + db * db
 
     s1 = tl.sum(acc1, axis=1)
     s2 = tl.sum(acc2, axis=1)
@@ -131,6 +157,26 @@ def _reduce_ncs_kernel(
         tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
         tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
         tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+
+
+@triton.jit
+def _mc_step(
+    x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs,
+    BLOCK_M: tl.constexpr, GRAD: tl.constexpr,
+):  # fmt: skip
+    """Step ``k`` of an (M, C) tile: [BLOCK_M, BLOCK_C] values of x (and dy) in float32.
+
+    A step past the tile (the odd tail of the unrolled loop) has no rows left: it loads nothing.
+    """
+    m0 = m_lo + k * BLOCK_M
+    base = m0.to(tl.int64) * C
+    mask = (m_offs[:, None] < m_hi - m0) & c_mask[None, :]
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if GRAD:
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = x
+    return x, dy, mask
 
 
 @triton.jit
@@ -160,12 +206,11 @@ def _reduce_mc_kernel(
     m_offs = tl.arange(0, BLOCK_M)
     offs = m_offs[:, None] * C + c[None, :]
 
-    base = m_lo.to(tl.int64) * C
-    mask = (m_offs[:, None] < m_hi - m_lo) & c_mask[None, :]
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    x, dy, mask = _mc_step(
+        x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
+    )
     if GRAD:
         pivot = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         acc1 = dy
         acc2 = dy * tl.where(mask, x - pivot[None, :], 0.0)
     else:
@@ -174,19 +219,19 @@ def _reduce_mc_kernel(
         acc1 = d
         acc2 = d * d
 
-    for k in range(1, n_iter):
-        m0 = m_lo + k * BLOCK_M
-        base = m0.to(tl.int64) * C
-        mask = (m_offs[:, None] < m_hi - m0) & c_mask[None, :]
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - pivot[None, :], 0.0)
+    for k in range(1, n_iter, 2):
+        xa, dya, ma = _mc_step(x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
+        xb, dyb, mb = _mc_step(
+            x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
+        )
+        da = tl.where(ma, xa - pivot[None, :], 0.0)
+        db = tl.where(mb, xb - pivot[None, :], 0.0)
         if GRAD:
-            dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            acc1 += dy
-            acc2 += dy * d
+            acc1 += dya + dyb
+            acc2 += dya * da + dyb * db
         else:
-            acc1 += d
-            acc2 += d * d
+            acc1 += da + db
+            acc2 += da * da + db * db
 
     s1 = tl.sum(acc1, axis=0)
     s2 = tl.sum(acc2, axis=0)
@@ -429,14 +474,16 @@ def _elemt_mc_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tuning:
     """Knobs of the launch rules (tests shrink them to get many tiles from tiny tensors)."""
 
     tile_bytes: int = 8192
     """Bytes of one input per program per step: 2048 float32 or 4096 half values."""
     reduce_programs_per_sm: int = 8
-    """Reduction programs launched per multiprocessor (several waves: a short tail)."""
+    """Reduction programs wanted per multiprocessor (a few waves: a short tail)."""
+    workspace_fraction: float = 0.05
+    """Tile partials (12 bytes per channel per tile) stay under this fraction of the input."""
     max_tiles: int = 2048
     """Upper bound on tiles per channel, which bounds the merge's work."""
     merge_step: int = 1024
@@ -458,19 +505,43 @@ def _sm_count(device: torch.device) -> int:
         return TUNING.sm_count
     if device.type != "cuda":
         return 4  # CPU tensors run under the interpreter: few programs is fastest.
-    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_sm_count(index)
 
 
-def _pow2_block(n: int, lo: int, hi: int, slack: float) -> int:
-    """Largest power of two in [lo, hi] whose padding of ``n`` is within ``slack`` of the best."""
-    candidates = []
-    p = lo
-    while p <= hi:
-        candidates.append(p)
-        p *= 2
-    padded = {p: triton.cdiv(n, p) * p for p in candidates}
-    best = min(padded.values())
-    return max(p for p in candidates if padded[p] <= best * (1.0 + slack))
+def _pow2s(lo: int, hi: int) -> list[int]:
+    """Powers of two from ``hi`` down to ``lo`` (both powers of two)."""
+    out = []
+    while hi >= lo:
+        out.append(hi)
+        hi //= 2
+    return out
+
+
+def _padded(n: int, block: int) -> int:
+    return triton.cdiv(n, block) * block
+
+
+def _s_block(s: int, tile: int) -> int:
+    """Block along S (contiguous) for the (N, C, S) kernels.
+
+    The largest power of two (at least 128, at most the tile) that pads S by at most 1/32, so
+    that rows split into few, nearly full blocks; failing that, one block covering the whole row
+    (small S such as 49 or 196: masked lanes cost issue slots, not memory traffic).
+    """
+    full = min(triton.next_power_of_2(s), tile)
+    for p in _pow2s(min(128, full), full):
+        if _padded(s, p) * 32 <= s * 33:
+            return p
+    return full
+
+
+def _c_block(c: int) -> int:
+    """Widest block along C (contiguous) for the (M, C) kernels: up to 256 with padding <= 1/8."""
+    cands = _pow2s(16, 256)
+    best = min(_padded(c, p) for p in cands)
+    widest = max(p for p in cands if _padded(c, p) * 8 <= best * 9)
+    return min(widest, triton.next_power_of_2(c))
 
 
 @dataclass(frozen=True)
@@ -507,8 +578,8 @@ def _match_layout(t: torch.Tensor, view: _View) -> torch.Tensor:
     return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
-def _tile_elems(itemsize: int) -> int:
-    return max(16, TUNING.tile_bytes // itemsize)
+def _tile_elems(itemsize: int, tuning: Tuning) -> int:
+    return max(16, tuning.tile_bytes // itemsize)
 
 
 @dataclass(frozen=True)
@@ -527,39 +598,53 @@ class _ReduceConfig:
 
 
 @functools.lru_cache(maxsize=1024)
-def _reduce_config(
-    view: _View, itemsize: int, sms: int, tile_bytes: int, per_sm: int, max_tiles: int,
-    merge_step: int,
-) -> _ReduceConfig:  # fmt: skip
-    del tile_bytes  # part of the cache key; read through _tile_elems
-    tile = _tile_elems(itemsize)
-    want = max(1, sms * per_sm)
+def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _ReduceConfig:
+    """Split every channel's values into T tiles over about ``sms * programs_per_sm`` programs.
+
+    Programs = channel blocks x T. T is capped so that the partials stay a small fraction of
+    the input; when that leaves too few programs (many channels, few values each), the channel
+    block shrinks to make more of them.
+    """
+    tile = _tile_elems(itemsize, tuning)
+    want = max(1, sms * tuning.reduce_programs_per_sm)
+    values = view.rows * view.inner  # per channel
+    t_cap = int(values * itemsize * tuning.workspace_fraction / 12)
+    t_cap = max(1, min(tuning.max_tiles, t_cap))
     if view.kind == "ncs":
-        block_s = _pow2_block(view.inner, 16, tile, 1 / 32)
+        block_s = _s_block(view.inner, tile)
+        chunks = triton.cdiv(view.inner, block_s)  # steps per sample
         block_c = max(1, min(tile // block_s, triton.next_power_of_2(view.channels)))
-        c_blocks = triton.cdiv(view.channels, block_c)
-        chunks = triton.cdiv(view.inner, block_s)  # tile-steps per sample
-        steps = max(1, (c_blocks * view.rows * chunks) // want)  # per program
-        steps = max(steps, triton.cdiv(view.rows * chunks, max_tiles))
-        if steps >= chunks:  # whole samples per program
-            rows_per, cols_per = max(1, steps // chunks), view.inner
-        else:
-            rows_per, cols_per = 1, steps * block_s
-        col_splits = triton.cdiv(view.inner, cols_per)
-        tiles = triton.cdiv(view.rows, rows_per) * col_splits
+        while True:
+            c_blocks = triton.cdiv(view.channels, block_c)
+            steps = max(1, (c_blocks * view.rows * chunks) // want)
+            steps = max(steps, triton.cdiv(view.rows * chunks, t_cap))
+            if steps >= chunks:  # whole samples per tile
+                rows_per, cols_per = steps // chunks, view.inner
+            else:
+                rows_per, cols_per = 1, steps * block_s
+            col_splits = triton.cdiv(view.inner, cols_per)
+            tiles = triton.cdiv(view.rows, rows_per) * col_splits
+            if 2 * c_blocks * tiles >= want or block_c == 1:
+                break
+            block_c //= 2
         block_a, block_b = block_c, block_s
     else:
-        block_c = _pow2_block(view.channels, 16, 256, 1 / 8)
-        block_c = min(block_c, triton.next_power_of_2(view.channels))
-        block_m = max(1, tile // block_c)
-        c_blocks = triton.cdiv(view.channels, block_c)
-        m_blocks = triton.cdiv(view.rows, block_m)
-        steps = max(1, (c_blocks * m_blocks) // want, triton.cdiv(m_blocks, max_tiles))
-        rows_per, cols_per, col_splits = steps * block_m, 1, 1
-        tiles = triton.cdiv(view.rows, rows_per)
+        block_c = _c_block(view.channels)
+        while True:
+            block_m = max(1, min(tile // block_c, triton.next_power_of_2(view.rows)))
+            c_blocks = triton.cdiv(view.channels, block_c)
+            m_blocks = triton.cdiv(view.rows, block_m)
+            steps = max(1, (c_blocks * m_blocks) // want, triton.cdiv(m_blocks, t_cap))
+            rows_per, cols_per, col_splits = steps * block_m, 1, 1
+            tiles = triton.cdiv(view.rows, rows_per)
+            # Narrower than 32 channels, rows become short scattered segments.
+            if 2 * c_blocks * tiles >= want or block_c <= 32:
+                break
+            block_c //= 2
         block_a, block_b = block_m, block_c
-    merge_block_t = min(triton.next_power_of_2(tiles), merge_step)
-    merge_block_c = max(1, min(2048 // merge_block_t, triton.next_power_of_2(view.channels)))
+    merge_block_t = min(triton.next_power_of_2(tiles), tuning.merge_step)
+    # At most 128 channels per merge program: C / 128 programs at least.
+    merge_block_c = max(1, min(2048 // merge_block_t, 128, triton.next_power_of_2(view.channels)))
     return _ReduceConfig(
         block_a, block_b, c_blocks, rows_per, cols_per, col_splits, tiles,
         grid=c_blocks * tiles, num_warps=8 if block_a * block_b >= 2048 else 4,
@@ -577,20 +662,18 @@ class _ElemtConfig:
 
 
 @functools.lru_cache(maxsize=1024)
-def _elemt_config(view: _View, itemsize: int, tile_bytes: int) -> _ElemtConfig:
-    del tile_bytes  # part of the cache key; read through _tile_elems
-    tile = _tile_elems(itemsize)
+def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
+    """One tile of ``tile_bytes`` per program; rows of S (ncs) or of C (mc) as the inner axis."""
+    tile = _tile_elems(itemsize, tuning)
     if view.kind == "ncs":
-        block_b = _pow2_block(view.inner, 16, tile, 1 / 32)
+        block_b = _s_block(view.inner, tile)
         rows = view.rows * view.channels
-        block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
         b_blocks = triton.cdiv(view.inner, block_b)
     else:
-        block_b = _pow2_block(view.channels, 16, 256, 1 / 8)
-        block_b = min(block_b, triton.next_power_of_2(view.channels))
+        block_b = _c_block(view.channels)
         rows = view.rows
-        block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
         b_blocks = triton.cdiv(view.channels, block_b)
+    block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
     grid = triton.cdiv(rows, block_a) * b_blocks
     return _ElemtConfig(block_a, block_b, b_blocks, grid, 4)
 
@@ -602,10 +685,7 @@ def _elemt_config(view: _View, itemsize: int, tile_bytes: int) -> _ElemtConfig:
 
 def _reduce(x: torch.Tensor, view: _View, dy: torch.Tensor | None, mean: torch.Tensor | None):
     """Launch a reduce kernel; returns the (3 or 2, C, T) partials and the config."""
-    cfg = _reduce_config(
-        view, x.element_size(), _sm_count(x.device), TUNING.tile_bytes,
-        TUNING.reduce_programs_per_sm, TUNING.max_tiles, TUNING.merge_step,
-    )  # fmt: skip
+    cfg = _reduce_config(view, x.element_size(), _sm_count(x.device), TUNING)
     grad = dy is not None
     slots = 2 if grad else 3
     part = torch.empty((slots, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
@@ -693,7 +773,7 @@ def _elemt(
     if backward:
         dy = _match_layout(dy, view)
     out = torch.empty_like(x)  # x is dense here: same strides, same view
-    cfg = _elemt_config(view, x.element_size(), TUNING.tile_bytes)
+    cfg = _elemt_config(view, x.element_size(), TUNING)
     args = (
         x, dy if backward else x, out, mean, invstd,
         weight if weight is not None else mean, bias if bias is not None else mean,
