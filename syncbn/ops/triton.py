@@ -34,7 +34,9 @@ Nothing is read back to the host and nothing is allocated beyond the outputs and
 per-channel buffers (the tile partials, ``2 * C * T`` floats), so a training step can be
 captured in a CUDA graph. Launch configurations are plain rules (powers of two bounded by C and
 S; enough programs for every multiprocessor), no autotuning: nothing to run during capture,
-only the usual warm-up call that compiles each kernel before capture.
+only the usual warm-up call that compiles each kernel before capture. Integer arguments are
+kept out of Triton's specialization except the strides that decide vector widths (S for
+``ncs``, C for ``mc``, the tile's S span), so that a new shape rarely means a new compile.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _ncs_step(
     return x, dy, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "rows_per", "col_splits", "c_blocks", "T"])
 def _reduce_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous input
     dy_ptr,  # (N, C, S) contiguous grad_out (GRAD only)
@@ -179,7 +181,7 @@ def _mc_step(
     return x, dy, mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per", "c_blocks", "T"])
 def _reduce_mc_kernel(
     x_ptr,  # (M, C) row-major input
     dy_ptr,  # (M, C) row-major grad_out (GRAD only)
@@ -245,7 +247,7 @@ def _reduce_mc_kernel(
         tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "T", "R", "rows_per", "S", "cols_per", "col_splits"])
 def _merge_kernel(
     part_ptr,  # (3 or 2, C, T) float32 tile partials from a _reduce_*_kernel
     out_ptr,  # stats: (2C+1,) float64 [sum x, sum x^2, count]; GRAD: (2C,) [sum dy, sum dy_xmu]
@@ -305,7 +307,7 @@ def _merge_kernel(
             tl.store(out_ptr + 2 * C, tl.sum(tl.where(c == 0, n, 0.0), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def _finalize_kernel(
     stats_ptr,  # (2C+1,) float64 all-reduced [sum x, sum x^2, count]
     mean_ptr,  # (C,) out
@@ -386,7 +388,7 @@ def _channel_coefs(
     return mean, a, b, scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "C", "s_blocks"])
 def _elemt_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous input
     dy_ptr,  # (N, C, S) contiguous grad_out (BACKWARD only)
@@ -428,7 +430,7 @@ def _elemt_ncs_kernel(
     tl.store(out_ptr + offs, out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "c_blocks"])
 def _elemt_mc_kernel(
     x_ptr,  # (M, C) row-major input
     dy_ptr,  # (M, C) row-major grad_out (BACKWARD only)
@@ -486,8 +488,8 @@ class Tuning:
     """Tile partials (12 bytes per channel per tile) stay under this fraction of the input."""
     max_tiles: int = 2048
     """Upper bound on tiles per channel, which bounds the merge's work."""
-    merge_step: int = 1024
-    """Tiles the merge kernel reads per channel per step."""
+    merge_step: int = 512
+    """Tiles the merge kernel reads per channel per step (at most 1024)."""
     sm_count: int | None = None
     """Override of the multiprocessor count (None: read off the device; 4 for CPU tensors)."""
 
@@ -595,6 +597,7 @@ class _ReduceConfig:
     num_warps: int
     merge_block_c: int
     merge_block_t: int
+    merge_warps: int
 
 
 @functools.lru_cache(maxsize=1024)
@@ -611,6 +614,8 @@ def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _Red
     t_cap = int(values * itemsize * tuning.workspace_fraction / 12)
     t_cap = max(1, min(tuning.max_tiles, t_cap))
     if view.kind == "ncs":
+        if view.inner % 16:  # rows not 16-aligned: scalar loads, a register each (half the tile)
+            tile = max(16, tile // 2)
         block_s = _s_block(view.inner, tile)
         chunks = triton.cdiv(view.inner, block_s)  # steps per sample
         block_c = max(1, min(tile // block_s, triton.next_power_of_2(view.channels)))
@@ -643,12 +648,14 @@ def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _Red
             block_c //= 2
         block_a, block_b = block_m, block_c
     merge_block_t = min(triton.next_power_of_2(tiles), tuning.merge_step)
-    # At most 128 channels per merge program: C / 128 programs at least.
-    merge_block_c = max(1, min(2048 // merge_block_t, 128, triton.next_power_of_2(view.channels)))
+    # 1024 float64 values per array per step (8 per thread: no spills), at most 64 channels per
+    # program (C / 64 programs at least).
+    merge_block_c = max(1, min(1024 // merge_block_t, 64, triton.next_power_of_2(view.channels)))
     return _ReduceConfig(
         block_a, block_b, c_blocks, rows_per, cols_per, col_splits, tiles,
         grid=c_blocks * tiles, num_warps=8 if block_a * block_b >= 2048 else 4,
         merge_block_c=merge_block_c, merge_block_t=merge_block_t,
+        merge_warps=8 if merge_block_c * merge_block_t >= 512 else 4,
     )  # fmt: skip
 
 
@@ -675,7 +682,11 @@ def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
         b_blocks = triton.cdiv(view.channels, block_b)
     block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
     grid = triton.cdiv(rows, block_a) * b_blocks
-    return _ElemtConfig(block_a, block_b, b_blocks, grid, 4)
+    # Rows of S not a multiple of 16 (49, 196) cannot be loaded as vectors, and every thread then
+    # holds values and coefficients of many rows: 8 warps halve the registers per thread (with
+    # 4 warps the compiler reports 190-255 registers and spills).
+    num_warps = 8 if view.kind == "ncs" and view.inner % 16 and block_a >= 16 else 4
+    return _ElemtConfig(block_a, block_b, b_blocks, grid, num_warps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -711,7 +722,7 @@ def _merge(part: torch.Tensor, out: torch.Tensor, view: _View, cfg: _ReduceConfi
     _merge_kernel[grid](
         part, out, view.channels, cfg.tiles, view.rows, cfg.rows_per, view.inner, cfg.cols_per,
         cfg.col_splits, BLOCK_CM=cfg.merge_block_c,
-        BLOCK_T=cfg.merge_block_t, GRAD=grad, num_warps=4,
+        BLOCK_T=cfg.merge_block_t, GRAD=grad, num_warps=cfg.merge_warps,
     )  # fmt: skip
 
 
