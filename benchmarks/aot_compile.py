@@ -52,7 +52,7 @@ class Recorder:
         return launch
 
 
-def record_layer(shape, dtype, memory_format):
+def record_layer(shape, dtype, memory_format, variants=False):
     calls = []
     saved = {n: getattr(K, n) for n in KERNELS}
     for n in KERNELS:
@@ -66,7 +66,13 @@ def record_layer(shape, dtype, memory_format):
         mean, invstd, w = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
         K.normalize(x, mean, invstd, w, torch.empty(c, **f32))
         sums = K.backward_reduce(torch.empty_like(x), x, mean)
-        K.backward_elemt(torch.empty_like(x), x, mean, invstd, w, sums, torch.empty((), dtype=torch.float64, device="meta"))
+        count = torch.empty((), dtype=torch.float64, device="meta")
+        K.backward_elemt(torch.empty_like(x), x, mean, invstd, w, sums, count)
+        if variants:  # the other constexpr branches: tensor momentum, no buffers, no affine
+            K.finalize(stats, 1e-5, torch.empty(c, **f32), torch.empty(c, **f32), count, torch.float32)
+            K.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+            K.normalize(x, mean, invstd, None, None)
+            K.backward_elemt(torch.empty_like(x), x, mean, invstd, None, sums, count)
     finally:
         for n in KERNELS:
             setattr(K, n, saved[n])
@@ -132,7 +138,8 @@ def main(argv=None):
             continue
         for dname, dtype in DTYPES.items():
             for lname, fmt in layouts_for(shape).items():
-                for name, jit_fn, a, kw in record_layer(shape, dtype, fmt):
+                first = not seen
+                for name, jit_fn, a, kw in record_layer(shape, dtype, fmt, variants=first):
                     sig, consts, attrs = signature_of(jit_fn, a, kw)
                     key = (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
                            tuple(sorted(attrs)), kw.get("num_warps", 4))  # fmt: skip

@@ -16,7 +16,9 @@ are ``triton.testing.do_bench`` medians (CUDA events, L2 flushed before every ru
 first); backward is ``torch.autograd.grad`` for input, weight and bias, so nothing accumulates.
 The copy floor: forward moves 3S bytes (read x twice, write y), forward+backward 8S, S the
 activation's bytes, at the device-to-device copy rate measured in this run. For the layers of
-32 MB and more it also times each syncbn kernel pass alone (``--no-breakdown`` skips it).
+32 MB and more it also times each syncbn kernel pass alone (``--no-breakdown`` skips it). Two
+diagnostics per case, outside the targets: syncbn forward+backward replayed from a CUDA graph
+(device time without Python), and the Python time to issue it eagerly.
 
 Writes ``kernels-<gpu>.md`` and ``.json`` under ``--out`` (default benchmarks/results) and
 prints one line per case while it runs.
@@ -168,7 +170,48 @@ def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
             out[name] = {"fwd": bench(fwd, warmup, rep), "fwd_bwd": bench(fwd_bwd, warmup, rep)}
         except Exception as e:  # noqa: BLE001 - record and go on: one provider may not support a case
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        if name == "syncbn":
+            out[name]["host_us_fwd_bwd"] = host_time_us(fwd_bwd)
+            if GRAPH_TIMING["enabled"]:
+                out[name]["graph_fwd_bwd"] = graph_time(fwd_bwd, warmup, rep)
     return out
+
+
+GRAPH_TIMING = {"enabled": True}
+
+
+def host_time_us(fn, calls=20):
+    """Python-side time per call: enqueue only (the queue does not fill in 20 calls)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def graph_time(fn, warmup, rep):
+    """Median ms of ``fn`` captured once in a CUDA graph and replayed: device time, no host."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            fn()
+        ms = bench(graph.replay, warmup, rep)[0]
+        del graph
+        return ms
+    except Exception as e:  # noqa: BLE001 - a diagnostic column: turn it off, keep the run
+        print(f"warning: CUDA-graph timing failed ({type(e).__name__}: {str(e)[:200]}); column disabled")
+        GRAPH_TIMING["enabled"] = False
+        torch.cuda.synchronize()
+        return None
 
 
 def run_breakdown(shape, dtype, memory_format, warmup, rep):
@@ -209,6 +252,11 @@ def geomean(values):
 
 def fmt(v, digits=3):
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_ms(v):
+    """A time in ms with 4 significant digits (0.01234, 1.245)."""
+    return "-" if v is None else f"{v:.4g}"
 
 
 def summarize(rows):
@@ -274,18 +322,26 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         f"Device-to-device copy rate measured in this run: {copy_rate / 1e12:.2f} TB/s (bytes read + "
         "written). Floor fraction = (3S forward, 8S forward+backward) / copy rate / measured time.",
         "",
+        "Last two columns (diagnostics, not in the targets): syncbn forward+backward replayed from "
+        "a CUDA graph (device time without Python), and the Python time to issue one eager "
+        "forward+backward. Where the host time exceeds the device time plus about 60-85 us (the "
+        "L2-flush kernel do_bench runs before each call gives the host that head start), the "
+        "eager numbers are host-bound.",
+        "",
         "| layer | dtype | layout | MB | syncbn fwd | syncbn f+b | F.bn fwd | F.bn f+b | torch SyncBN fwd "
-        "| torch SyncBN f+b | floor fwd | floor f+b | x F.bn fwd | x F.bn f+b | x torch f+b |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| torch SyncBN f+b | floor fwd | floor f+b | x F.bn fwd | x F.bn f+b | x torch f+b "
+        "| syncbn f+b graph | host us f+b |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['layout']} | {r['bytes'] / 2**20:.1f} "
-            f"| {fmt(r.get('syncbn_fwd'))} | {fmt(r.get('syncbn_fwd_bwd'))} "
-            f"| {fmt(r.get('bn_fwd'))} | {fmt(r.get('bn_fwd_bwd'))} "
-            f"| {fmt(r.get('torch_fwd'))} | {fmt(r.get('torch_fwd_bwd'))} "
+            f"| {fmt_ms(r.get('syncbn_fwd'))} | {fmt_ms(r.get('syncbn_fwd_bwd'))} "
+            f"| {fmt_ms(r.get('bn_fwd'))} | {fmt_ms(r.get('bn_fwd_bwd'))} "
+            f"| {fmt_ms(r.get('torch_fwd'))} | {fmt_ms(r.get('torch_fwd_bwd'))} "
             f"| {fmt(r.get('floor_fwd'), 2)} | {fmt(r.get('floor_fwd_bwd'), 2)} "
-            f"| {fmt(r.get('vs_bn_fwd'), 2)} | {fmt(r.get('vs_bn_fwd_bwd'), 2)} | {fmt(r.get('vs_torch_fwd_bwd'), 2)} |"
+            f"| {fmt(r.get('vs_bn_fwd'), 2)} | {fmt(r.get('vs_bn_fwd_bwd'), 2)} | {fmt(r.get('vs_torch_fwd_bwd'), 2)} "
+            f"| {fmt_ms(r.get('syncbn_graph_fwd_bwd'))} | {fmt(r.get('syncbn_host_us'), 0)} |"
         )
     errors = [(r["shape"], r["dtype"], r["layout"], r["errors"]) for r in rows if r.get("errors")]
     if errors:
@@ -361,6 +417,9 @@ def main(argv=None):
                         continue
                     row[f"{k}_fwd"] = res[prov]["fwd"][0]
                     row[f"{k}_fwd_bwd"] = res[prov]["fwd_bwd"][0]
+                    if k == "syncbn":
+                        row["syncbn_host_us"] = res[prov].get("host_us_fwd_bwd")
+                        row["syncbn_graph_fwd_bwd"] = res[prov].get("graph_fwd_bwd")
                 if errs:
                     row["errors"] = "; ".join(errs)
                 if "syncbn_fwd" in row:
@@ -373,10 +432,11 @@ def main(argv=None):
                 rows.append(row)
                 print(
                     f"{str(shape):>22} {dname} {lname:<5} {nbytes / 2**20:7.1f} MB | syncbn "
-                    f"{fmt(row.get('syncbn_fwd'))} / {fmt(row.get('syncbn_fwd_bwd'))} ms | F.bn "
-                    f"{fmt(row.get('bn_fwd'))} / {fmt(row.get('bn_fwd_bwd'))} | torch SyncBN "
-                    f"{fmt(row.get('torch_fwd'))} / {fmt(row.get('torch_fwd_bwd'))} | floor "
-                    f"{fmt(row.get('floor_fwd'), 2)} / {fmt(row.get('floor_fwd_bwd'), 2)}"
+                    f"{fmt_ms(row.get('syncbn_fwd'))} / {fmt_ms(row.get('syncbn_fwd_bwd'))} ms | F.bn "
+                    f"{fmt_ms(row.get('bn_fwd'))} / {fmt_ms(row.get('bn_fwd_bwd'))} | torch SyncBN "
+                    f"{fmt_ms(row.get('torch_fwd'))} / {fmt_ms(row.get('torch_fwd_bwd'))} | floor "
+                    f"{fmt(row.get('floor_fwd'), 2)} / {fmt(row.get('floor_fwd_bwd'), 2)} | graph f+b "
+                    f"{fmt_ms(row.get('syncbn_graph_fwd_bwd'))} | host {fmt(row.get('syncbn_host_us'), 0)} us"
                     + (f" | ERR {row['errors'][:120]}" if errs else ""),
                     flush=True,
                 )

@@ -112,6 +112,8 @@ def assert_same_layout(out, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape, memory_format", CASES)
 def test_ops_match_reference(shape, memory_format, dtype, tiling):
+    if DEVICE.type == "cuda" and tiling != "default-tiles" and dtype != torch.bfloat16:
+        pytest.skip("on CUDA the shrunk tilings run in bfloat16 only: every tile shape is a compile")
     x = make_input(shape, dtype, memory_format)
     channels = shape[1]
 
