@@ -300,6 +300,13 @@ def summarize(rows):
     return {"floor": floor, "speedups": speed, "targets": targets}
 
 
+def argv_text(args):
+    out = ["--quick"] if args.quick else []
+    out += [f"--tuning {args.tuning}"] if args.tuning else []
+    out += [f"--layers '{args.layers}'"] if args.layers else []
+    return out
+
+
 def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s):
     slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,9 +317,9 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         "",
         f"Device {env['device']} ({env['sms']} SMs, {env['memory_gib']} GiB), driver {env['driver']}, "
         f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), Triton {env['triton']}, "
-        f"Python {env['python']}; {env['date']}.",
+        f"Python {env['python']}; {env['date']}." + (f" Launch rules: {env['tuning']}." if env.get("tuning") else ""),
         "",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py{' --quick' if args.quick else ''}`; "
+        f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py{' '.join([''] + (argv_text(args)))}`; "
         f"{wall_s:.0f} s. Times: `triton.testing.do_bench` median in ms (CUDA events, L2 flushed "
         f"before each run, warmup {args.warmup} ms, rep {args.rep} ms). syncbn = synced path "
         "(1-process NCCL group, `SYNCBN_ALWAYS_SYNC=1`, both all-reduces included); torch SyncBN = "
@@ -386,12 +393,27 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-pass timings")
+    ap.add_argument("--tuning", default="", help="launch-rule overrides, e.g. tile_bytes=16384,reduce_programs_per_sm=4")
+    ap.add_argument("--layers", default="", help="only layers whose shape contains this text, e.g. '2048'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA device")
 
     t0 = time.time()
     env = env_info()
+    if args.tuning:
+        import dataclasses
+
+        from syncbn.ops import triton as triton_ops
+
+        fields = {f.name: f.type for f in dataclasses.fields(triton_ops.Tuning)}
+        overrides = {}
+        for item in args.tuning.split(","):
+            key, value = item.split("=")
+            overrides[key] = float(value) if "float" in str(fields[key]) else int(value)
+        triton_ops.TUNING = dataclasses.replace(triton_ops.TUNING, **overrides)
+        env["tuning"] = str(triton_ops.TUNING)
+        print(f"# tuning: {triton_ops.TUNING}", flush=True)
     print(f"# {env['device']} | driver {env['driver']} | torch {env['torch']} | CUDA {env['cuda']} "
           f"| Triton {env['triton']} | {env['date']}", flush=True)  # fmt: skip
     group = init_world()
@@ -399,7 +421,7 @@ def main(argv=None):
     copy_rate = measure_copy_rate(args.warmup, args.rep)
     print(f"# device-to-device copy: {copy_rate / 1e12:.2f} TB/s (read + written)", flush=True)
 
-    layers = [(s, n) for s, n in LAYERS if not args.quick or s in QUICK]
+    layers = [(s, n) for s, n in LAYERS if (not args.quick or s in QUICK) and args.layers in str(s)]
     rows, breakdown = [], []
     for shape, note in layers:
         for dname, dtype in DTYPES.items():

@@ -488,7 +488,7 @@ class Tuning:
     """Tile partials (12 bytes per channel per tile) stay under this fraction of the input."""
     max_tiles: int = 2048
     """Upper bound on tiles per channel, which bounds the merge's work."""
-    merge_step: int = 512
+    merge_step: int = 1024
     """Tiles the merge kernel reads per channel per step (at most 1024)."""
     sm_count: int | None = None
     """Override of the multiprocessor count (None: read off the device; 4 for CPU tensors)."""
