@@ -31,7 +31,7 @@ Passes and kernels (launches per call in brackets):
   ``dx = dy * k + (x - mean) * a + b`` with per-channel ``k, a, b`` formed in each program.
 
 Nothing is read back to the host and nothing is allocated beyond the outputs and small
-per-channel buffers (the tile partials, ``2 * C * T`` floats), so a training step can be
+per-channel buffers (the tile partials, ``3 * C * T`` floats), so a training step can be
 captured in a CUDA graph. Launch configurations are plain rules (powers of two bounded by C and
 S; enough programs for every multiprocessor), no autotuning: nothing to run during capture,
 only the usual warm-up call that compiles each kernel before capture. Integer arguments are
