@@ -1,12 +1,22 @@
-"""Shared fixtures for the syncbn test suite."""
+"""Shared test setup: Triton's interpreter on CPU-only machines, and the multi-process pool.
+
+Without CUDA, the Triton kernels run on CPU tensors under Triton's interpreter. The variable must
+be set before anything imports triton, so it is set here, when pytest loads this file, first.
+The workers of the pool are spawned and inherit it too.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
-from tests.dist_pool import WorkerPool
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.dist_pool import WorkerPool  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ Two backends share one interface (``local_stats``, ``finalize``, ``normalize``,
 ``backward_reduce``, ``backward_elemt``): ``reference`` (torch ops; every CPU tensor) and
 ``triton`` (GPU kernels; CUDA tensors of half and single precision, when Triton is importable).
 ``SYNCBN_BACKEND=torch`` forces the torch-ops path everywhere, which is how the GPU tests get a
-second opinion on the same device.
+second opinion on the same device. ``SYNCBN_BACKEND=triton`` forces the Triton kernels for every
+tensor of those dtypes, CPU tensors included: with ``TRITON_INTERPRET=1`` that runs the kernels
+on the CPU, which is how CI tests the layer and the kernels together without a GPU.
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ def triton_backend() -> ModuleType | None:
 
 def backend_name(x: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: the path a tensor like ``x`` takes through the layer."""
-    if os.environ.get(BACKEND_ENV, "").strip().lower() in ("torch", "reference"):
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced in ("torch", "reference") or x.dtype not in TRITON_DTYPES:
         return "torch"
-    if x.is_cuda and x.dtype in TRITON_DTYPES and triton_backend() is not None:
+    if forced == "triton":
+        if triton_backend() is None:
+            raise RuntimeError(f"syncbn: {BACKEND_ENV}=triton, but triton cannot be imported")
+        return "triton"
+    if x.is_cuda and triton_backend() is not None:
         return "triton"
     return "torch"
 

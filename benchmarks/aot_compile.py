@@ -1,0 +1,174 @@
+"""Compile every kernel launch of the benchmark layers for a GPU target, without a GPU.
+
+    PYTHONPATH=. python benchmarks/aot_compile.py [--arch 90] [--quick]
+
+Runs the real launchers of ``syncbn.ops.triton`` on ``meta`` tensors with the kernels replaced by
+recorders, then compiles each distinct launch with ``triton.compile`` for ``sm_<arch>`` (the
+specialization the JIT would apply: 16-byte aligned pointers, integers divisible by 16 and equal
+to 1, except the arguments a kernel lists in ``do_not_specialize``). For each it prints the
+registers and spills (``cuobjdump --dump-resource-usage``, the copy Triton ships) and the widths
+of the global loads and stores in the PTX: ``v4.b32`` is 16 bytes, ``b16`` a single half.
+A compile error here is a compile error on the GPU; the GPU runs Triton 3.6, so a clean run with
+another Triton version is evidence, not proof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from benchmarks.bench_kernels import DTYPES, LAYERS, QUICK, layouts_for  # noqa: E402
+from syncbn.ops import triton as K  # noqa: E402
+
+KERNELS = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel",
+           "_elemt_ncs_kernel", "_elemt_mc_kernel"]  # fmt: skip
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+class Recorder:
+    def __init__(self, name, jit_fn, calls):
+        self.name, self.jit_fn, self.calls = name, jit_fn, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, self.jit_fn, args, kwargs))
+
+        return launch
+
+
+def record_layer(shape, dtype, memory_format, variants=False):
+    calls = []
+    saved = {n: getattr(K, n) for n in KERNELS}
+    for n in KERNELS:
+        setattr(K, n, Recorder(n, saved[n], calls))
+    try:
+        c = shape[1]
+        x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+        f32 = dict(dtype=torch.float32, device="meta")
+        stats = K.local_stats(x)
+        K.finalize(stats, 1e-5, torch.empty(c, **f32), torch.empty(c, **f32), 0.1, torch.float32)
+        mean, invstd, w = torch.empty(c, **f32), torch.empty(c, **f32), torch.empty(c, **f32)
+        K.normalize(x, mean, invstd, w, torch.empty(c, **f32))
+        sums = K.backward_reduce(torch.empty_like(x), x, mean)
+        count = torch.empty((), dtype=torch.float64, device="meta")
+        K.backward_elemt(torch.empty_like(x), x, mean, invstd, w, sums, count)
+        if variants:  # the other constexpr branches: tensor momentum, no buffers, no affine
+            K.finalize(stats, 1e-5, torch.empty(c, **f32), torch.empty(c, **f32), count, torch.float32)
+            K.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+            K.normalize(x, mean, invstd, None, None)
+            K.backward_elemt(torch.empty_like(x), x, mean, invstd, None, sums, count)
+    finally:
+        for n in KERNELS:
+            setattr(K, n, saved[n])
+    return calls
+
+
+def signature_of(jit_fn, args, kwargs):
+    names = jit_fn.arg_names
+    no_spec = {names[i] if isinstance(i, int) else i for i in (jit_fn.do_not_specialize or [])}
+    constexpr_names = {names[i] for i in jit_fn.constexprs} if hasattr(jit_fn, "constexprs") else set()
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        v = values[name]
+        if name in constexpr_names:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + TRITON_DTYPE[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[name] = "i1"
+        elif isinstance(v, int):
+            if name not in no_spec and v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32" if abs(v) < 2**31 else "i64"
+                if name not in no_spec and v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{name}: {type(v)}")
+    return sig, consts, attrs
+
+
+def resource_usage(cubin: bytes):
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None,
+            int(local.group(1)) if local else None)  # fmt: skip
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sms", type=int, default=132)
+    args = ap.parse_args(argv)
+    K.TUNING = K.Tuning(sm_count=args.sms)
+    target = GPUTarget("cuda", args.arch, 32)
+
+    seen = {}
+    failures = 0
+    for shape, _ in LAYERS:
+        if args.quick and shape not in QUICK:
+            continue
+        for dname, dtype in DTYPES.items():
+            for lname, fmt in layouts_for(shape).items():
+                first = not seen
+                for name, jit_fn, a, kw in record_layer(shape, dtype, fmt, variants=first):
+                    sig, consts, attrs = signature_of(jit_fn, a, kw)
+                    key = (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
+                           tuple(sorted(attrs)), kw.get("num_warps", 4))  # fmt: skip
+                    if key in seen:
+                        seen[key]["layers"].append(f"{shape} {dname} {lname}")
+                        continue
+                    t0 = time.time()
+                    try:
+                        k = triton.compile(
+                            ASTSource(fn=jit_fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=target, options={"num_warps": kw.get("num_warps", 4)},
+                        )  # fmt: skip
+                    except Exception as e:  # noqa: BLE001 - report every failure
+                        failures += 1
+                        print(f"FAILED {name} {consts} for {shape} {dname} {lname}: {type(e).__name__}: {e}")
+                        seen[key] = {"layers": [f"{shape} {dname} {lname}"], "failed": True}
+                        continue
+                    ptx = k.asm["ptx"]
+                    loads = Counter(re.findall(r"ld\.global(?:\.[\w]+)*", ptx))
+                    stores = Counter(re.findall(r"st\.global(?:\.[\w]+)*", ptx))
+                    regs, stack, local = resource_usage(k.asm["cubin"])
+                    seen[key] = {"layers": [f"{shape} {dname} {lname}"]}
+                    shown = {k_: v for k_, v in consts.items() if k_.isupper()}
+                    print(f"{name:<19} {str(shown):<62} warps={kw.get('num_warps', 4)} regs={regs} "
+                          f"stack={stack} local={local} {time.time() - t0:4.1f}s | ld {dict(loads)} | st {dict(stores)}"
+                          f" | first: {shape} {dname} {lname}")  # fmt: skip
+    print(f"\n{len(seen)} distinct compiles, {failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

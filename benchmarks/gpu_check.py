@@ -1,0 +1,213 @@
+"""The one script to run on a GPU machine: versions, GPU tests, kernel benchmark, a summary last.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py          # from the repository root
+
+Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 450 s
+by default), so one hang cannot eat the lease:
+
+1. device and versions (nvidia-smi, torch, CUDA, Triton, cuDNN);
+2. ``pytest tests/test_cuda.py tests/test_triton_ops.py`` (with CUDA present the kernel tests
+   run the compiled kernels on CUDA tensors, not the interpreter);
+3. ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py`` when that file exists;
+4. ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s of the budget remain).
+
+Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
+set, else benchmarks/results/gpu_check); the benchmark's table goes to ``$OUT/results``. The
+summary (step results, failed tests, the benchmark table and its targets) is printed last.
+Nothing is installed: it uses the machine's python, torch, Triton and pytest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "450"))
+START = time.time()
+
+
+def remaining() -> float:
+    return BUDGET_S - (time.time() - START)
+
+
+def out_dirs() -> tuple[Path, Path]:
+    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results" / "gpu_check"
+    logs, results = base / "logs", base / "results"
+    logs.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    return logs, results
+
+
+def run_step(name: str, cmd: list[str], timeout: float, log_dir: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` streaming its output to the console and to ``<log_dir>/<name>.log``."""
+    timeout = max(1.0, timeout)
+    print(f"\n===== {name}: {' '.join(cmd)} (timeout {timeout:.0f} s) =====", flush=True)
+    log_path = log_dir / f"{name}.log"
+    t0 = time.time()
+    lines: list[str] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1, start_new_session=True,
+        )  # fmt: skip
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                lines.append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)  # the step's own process group
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        reader.join(timeout=10)
+    seconds = time.time() - t0
+    status = "TIMEOUT" if timed_out else ("OK" if proc.returncode == 0 else f"FAIL rc={proc.returncode}")
+    return {"name": name, "status": status, "seconds": seconds, "lines": lines, "log": str(log_path)}
+
+
+def pytest_cmd(paths: list[str], per_test_timeout: int, workers: int = 0) -> list[str]:
+    """pytest, with a per-test timeout and ``workers`` processes when the plugins are there.
+
+    Workers matter for the kernel tests: every new tile shape is a Triton compile (about 0.3 s
+    of one CPU core), and a few hundred of them dominate the run; each worker compiles its own.
+    """
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=8"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd.append(f"--timeout={per_test_timeout}")
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]
+    return cmd + paths
+
+
+def pytest_result(lines: list[str]) -> tuple[str, list[str]]:
+    """The final 'N passed, ...' line and the FAILED/ERROR lines."""
+    summary = next((l.strip("= ") for l in reversed(lines) if (" passed" in l or " failed" in l or " error" in l) and " in " in l), "no pytest summary")
+    failed = [l for l in lines if l.startswith(("FAILED", "ERROR"))]
+    return summary, failed
+
+
+def versions() -> str:
+    code = (
+        "import torch, triton, sys; p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None; "
+        "print(f'python {sys.version.split()[0]} | torch {torch.__version__} | CUDA {torch.version.cuda} | '"
+        "f'cuDNN {torch.backends.cudnn.version()} | Triton {triton.__version__} | '"
+        "f'device {torch.cuda.get_device_name(0) if p else None} ({p.multi_processor_count if p else 0} SMs, '"
+        "f'{(p.total_memory / 2**30) if p else 0:.0f} GiB)')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return (out.stdout + out.stderr).strip()
+
+
+def bench_table(results_dir: Path) -> list[str]:
+    files = sorted(results_dir.glob("kernels-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return ["(no benchmark results)"]
+    data = json.loads(files[-1].read_text())
+    f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    g = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    out = [
+        f"benchmark: {files[-1]}  (copy rate {data['copy_rate_bytes_per_s'] / 1e12:.2f} TB/s)",
+        f"{'layer':<20} {'dt':<4} {'lay':<5} {'MB':>6} {'fwd ms':>8} {'f+b ms':>8} {'flr f':>5} {'flr fb':>6} "
+        f"{'xBN f':>6} {'xBN fb':>6} {'xTS fb':>6} {'graph fb':>8} {'host us':>7}",
+    ]
+    for r in data["rows"]:
+        out.append(
+            f"{r['shape']:<20} {r['dtype']:<4} {r['layout']:<5} {r['bytes'] / 2**20:6.1f} "
+            f"{g(r.get('syncbn_fwd')):>8} {g(r.get('syncbn_fwd_bwd')):>8} {f(r.get('floor_fwd')):>5} "
+            f"{f(r.get('floor_fwd_bwd')):>6} {f(r.get('vs_bn_fwd')):>6} {f(r.get('vs_bn_fwd_bwd')):>6} "
+            f"{f(r.get('vs_torch_fwd_bwd')):>6} {g(r.get('syncbn_graph_fwd_bwd')):>8} "
+            f"{f(r.get('syncbn_host_us'), 0):>7}" + (" ERR" if r.get("errors") else "")
+        )
+    out.append("targets:")
+    for name, value, goal, ok in data["summary"]["targets"]:
+        out.append(f"  {'MET   ' if ok else 'MISSED'} {name}: {f(value)} (goal {goal})")
+    return out
+
+
+def main() -> int:
+    log_dir, results_dir = out_dirs()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("TRITON_INTERPRET", None)  # the compiled kernels, not the interpreter
+    env.pop("SYNCBN_BACKEND", None)
+
+    print("===== versions =====", flush=True)
+    ver = versions()
+    print(ver, flush=True)
+    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _which("nvidia-smi") else "no nvidia-smi"
+    print(smi, flush=True)
+    (log_dir / "versions.log").write_text(ver + "\n\n" + smi)
+
+    steps = []
+    steps.append(run_step(
+        "pytest_gpu", pytest_cmd(["tests/test_cuda.py", "tests/test_triton_ops.py"], 150, workers=4),
+        min(240, remaining() - 150), log_dir, env,
+    ))  # fmt: skip
+    if (REPO / "tests" / "test_layer.py").exists():
+        layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda")
+        steps.append(run_step(
+            "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py"], 120),
+            min(120, remaining() - 120), log_dir, layer_env,
+        ))  # fmt: skip
+    else:
+        steps.append({"name": "pytest_layer_cuda", "status": "SKIP", "seconds": 0, "lines": ["tests/test_layer.py not present"], "log": ""})
+    if remaining() > 60:
+        bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
+        if remaining() < 200:
+            bench.append("--quick")
+        steps.append(run_step("bench_kernels", bench, remaining() - 10, log_dir, env))
+    else:
+        steps.append({"name": "bench_kernels", "status": "SKIP (no time left)", "seconds": 0, "lines": [], "log": ""})
+
+    # ---- summary, last ----
+    print("\n" + "=" * 30 + " gpu_check summary " + "=" * 30)
+    print(ver)
+    failed_all = []
+    for s in steps:
+        detail = ""
+        if s["name"].startswith("pytest") and s["lines"] and s["status"] != "SKIP":
+            detail, failed = pytest_result(s["lines"])
+            failed_all += failed
+        elif s["name"] == "bench_kernels" and s["lines"]:
+            detail = next((l for l in reversed(s["lines"]) if l.startswith("# wrote")), s["lines"][-1])[:150]
+        elif s["lines"]:
+            detail = s["lines"][-1][:150]
+        print(f"{s['name']:<20} {s['status']:<14} {s['seconds']:6.0f} s  {detail}")
+    if failed_all:
+        print(f"failed tests ({len(failed_all)}):")
+        for line in failed_all[:15]:
+            print("  " + line[:220])
+    print("\n".join(bench_table(results_dir)))
+    print(f"logs: {log_dir}  results: {results_dir}  total {time.time() - START:.0f} s")
+    ok = all(s["status"] in ("OK",) or s["status"].startswith("SKIP") for s in steps)
+    return 0 if ok else 1
+
+
+def _which(cmd: str) -> bool:
+    from shutil import which
+
+    return which(cmd) is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

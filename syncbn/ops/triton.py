@@ -1,0 +1,851 @@
+"""The Triton backend: the four local passes of synchronized batch norm as GPU kernels.
+
+Same five functions, same signatures, as ``syncbn.ops.reference``; ``syncbn.ops.backend_for``
+sends CUDA tensors of float32, float16 and bfloat16 here (and, with ``SYNCBN_BACKEND=triton``,
+CPU tensors too, which Triton runs only under ``TRITON_INTERPRET=1``: that is how CI tests it).
+
+Layouts. An input is classified once and viewed without copying as
+
+- ``ncs``: contiguous ``(N, C, *)`` as ``(N, C, S)``, element ``(n, c, s)`` at ``(n*C + c)*S + s``;
+- ``mc``: channels_last / channels_last_3d (any input whose ``movedim(1, -1)`` is contiguous),
+  2-D ``(N, C)``, and contiguous input with ``S == 1``, as ``(M, C)`` row-major, ``M = N*S``.
+
+Any other strides (a transposed or sliced view) are copied to contiguous once per pass: the only
+copy this backend ever makes of an activation. ``grad_out`` that arrives in another memory format
+than the input is brought to the input's layout with one copy (an expanded gradient, as from
+``y.sum().backward()``, is such a case).
+
+Passes and kernels (launches per call in brackets):
+
+- ``local_stats`` [2]: ``_reduce_*_kernel`` splits every channel's ``N*S`` values over many
+  programs; each writes its tile's ``(mean - pivot, M2, pivot)`` in float32, accumulated as
+  sums of ``x - pivot`` and ``(x - pivot)**2`` with the pivot the mean of the program's first
+  step (so a mean of 1e4 with a std of 1 costs no digits). ``_merge_kernel`` merges the tiles per
+  channel with Chan's formula in float64 and writes the packed ``[sum, sum of squares, count]``.
+- ``finalize`` [1]: ``_finalize_kernel``, mean, invstd and the running-statistics lerp for all
+  channels, with a float or a 0-d device tensor momentum (never read on the host).
+- ``normalize`` [1]: ``_elemt_*_kernel``, ``y = (x - mean) * (invstd * w) + b``.
+- ``backward_reduce`` [2]: the same reduce and merge kernels summing ``dy`` and
+  ``dy * (x - mean)``.
+- ``backward_elemt`` [1]: ``_elemt_*_kernel`` again,
+  ``dx = dy * k + (x - mean) * a + b`` with per-channel ``k, a, b`` formed in each program.
+
+Nothing is read back to the host and nothing is allocated beyond the outputs and small
+per-channel buffers (the tile partials, ``3 * C * T`` floats), so a training step can be
+captured in a CUDA graph. Launch configurations are plain rules (powers of two bounded by C and
+S; enough programs for every multiprocessor), no autotuning: nothing to run during capture,
+only the usual warm-up call that compiles each kernel before capture. Integer arguments are
+kept out of Triton's specialization except the strides that decide vector widths (S for
+``ncs``, C for ``mc``, the tile's S span), so that a new shape rarely means a new compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ncs_step(
+    x_ptr, dy_ptr, k, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+    BLOCK_S: tl.constexpr, GRAD: tl.constexpr,
+):  # fmt: skip
+    """Step ``k`` of a (N, C, S) tile: [BLOCK_C, BLOCK_S] values of x (and dy) in float32.
+
+    A step past the tile (``k >= n_iter``, the odd tail of the unrolled loop) loads nothing.
+    """
+    n = n_lo + k // chunks
+    s0 = s_lo + (k % chunks) * BLOCK_S
+    base = (n.to(tl.int64) * C + c0) * S + s0
+    s_left = tl.where(k < n_iter, s_hi - s0, 0)
+    mask = c_mask[:, None] & (s_offs[None, :] < s_left)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if GRAD:
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = x
+    return x, dy, mask
+
+
+@triton.jit(do_not_specialize=["N", "C", "rows_per", "col_splits", "c_blocks", "T"])
+def _reduce_ncs_kernel(
+    x_ptr,  # (N, C, S) contiguous input
+    dy_ptr,  # (N, C, S) contiguous grad_out (GRAD only)
+    mean_ptr,  # (C,) global mean (GRAD only)
+    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot]; GRAD: (2, C, T) [sum dy, sum dy*(x-mean)]
+    N,
+    C,
+    S,
+    rows_per,  # samples per tile
+    cols_per,  # positions of S per tile (a multiple of BLOCK_S)
+    col_splits,  # tiles along S
+    c_blocks,  # cdiv(C, BLOCK_C)
+    T,  # tiles per channel = row splits * col_splits
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid % c_blocks  # neighbouring programs read neighbouring channels
+    t = pid // c_blocks
+    pn = t // col_splits
+    ps = t % col_splits
+    n_lo = pn * rows_per
+    n_hi = tl.minimum(n_lo + rows_per, N)
+    s_lo = ps * cols_per
+    s_hi = tl.minimum(s_lo + cols_per, S)
+    chunks = tl.cdiv(s_hi - s_lo, BLOCK_S)
+    n_iter = (n_hi - n_lo) * chunks
+
+    c0 = cb * BLOCK_C
+    c_local = tl.arange(0, BLOCK_C)
+    c_mask = (c0 + c_local) < C
+    s_offs = tl.arange(0, BLOCK_S)
+    offs = c_local[:, None] * S + s_offs[None, :]  # BLOCK_C > 1 only when S is small
+
+    # Step 0, peeled: it gives the per-channel pivot (statistics) or goes with the mean (GRAD).
+    x, dy, mask = _ncs_step(
+        x_ptr, dy_ptr, 0, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+        BLOCK_S, GRAD,
+    )  # fmt: skip
+    if GRAD:
+        pivot = tl.load(mean_ptr + c0 + c_local, mask=c_mask, other=0.0).to(tl.float32)
+        acc1 = dy
+        acc2 = dy * tl.where(mask, x - pivot[:, None], 0.0)
+    else:
+        pivot = tl.sum(x, axis=1) / tl.minimum(s_hi - s_lo, BLOCK_S).to(tl.float32)
+        d = tl.where(mask, x - pivot[:, None], 0.0)
+        acc1 = d
+        acc2 = d * d
+
+    # Two steps per iteration, so that two loads are in flight before either is used.
+    for k in range(1, n_iter, 2):
+        xa, dya, ma = _ncs_step(
+            x_ptr, dy_ptr, k, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask, s_offs,
+            BLOCK_S, GRAD,
+        )  # fmt: skip
+        xb, dyb, mb = _ncs_step(
+            x_ptr, dy_ptr, k + 1, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask,
+            s_offs, BLOCK_S, GRAD,
+        )  # fmt: skip
+        da = tl.where(ma, xa - pivot[:, None], 0.0)
+        db = tl.where(mb, xb - pivot[:, None], 0.0)
+        if GRAD:
+            acc1 += dya + dyb
+            acc2 += dya * da + dyb * db
+        else:
+            acc1 += da + db
+            acc2 += da * da + db * db
+
+    s1 = tl.sum(acc1, axis=1)
+    s2 = tl.sum(acc2, axis=1)
+    c = c0 + c_local
+    if GRAD:
+        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
+    else:
+        # The pivot travels apart from the shifted mean: their float32 sum would lose the
+        # mean's low digits (an ulp of 1e4 is 1e-3) and the merge would turn that into variance.
+        count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
+        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+
+
+@triton.jit
+def _mc_step(
+    x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs,
+    BLOCK_M: tl.constexpr, GRAD: tl.constexpr,
+):  # fmt: skip
+    """Step ``k`` of an (M, C) tile: [BLOCK_M, BLOCK_C] values of x (and dy) in float32.
+
+    A step past the tile (the odd tail of the unrolled loop) has no rows left: it loads nothing.
+    """
+    m0 = m_lo + k * BLOCK_M
+    base = m0.to(tl.int64) * C
+    mask = (m_offs[:, None] < m_hi - m0) & c_mask[None, :]
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if GRAD:
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = x
+    return x, dy, mask
+
+
+@triton.jit(do_not_specialize=["M", "rows_per", "c_blocks", "T"])
+def _reduce_mc_kernel(
+    x_ptr,  # (M, C) row-major input
+    dy_ptr,  # (M, C) row-major grad_out (GRAD only)
+    mean_ptr,  # (C,) global mean (GRAD only)
+    part_ptr,  # (3 or 2, C, T) float32 out, as in _reduce_ncs_kernel
+    M,
+    C,
+    rows_per,  # rows per tile (a multiple of BLOCK_M)
+    c_blocks,  # cdiv(C, BLOCK_C)
+    T,  # tiles per channel = cdiv(M, rows_per)
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid % c_blocks
+    t = pid // c_blocks
+    m_lo = t * rows_per
+    m_hi = tl.minimum(m_lo + rows_per, M)
+    n_iter = tl.cdiv(m_hi - m_lo, BLOCK_M)
+
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    m_offs = tl.arange(0, BLOCK_M)
+    offs = m_offs[:, None] * C + c[None, :]
+
+    x, dy, mask = _mc_step(
+        x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
+    )
+    if GRAD:
+        pivot = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        acc1 = dy
+        acc2 = dy * tl.where(mask, x - pivot[None, :], 0.0)
+    else:
+        pivot = tl.sum(x, axis=0) / tl.minimum(m_hi - m_lo, BLOCK_M).to(tl.float32)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
+        acc1 = d
+        acc2 = d * d
+
+    for k in range(1, n_iter, 2):
+        xa, dya, ma = _mc_step(x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
+        xb, dyb, mb = _mc_step(
+            x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
+        )
+        da = tl.where(ma, xa - pivot[None, :], 0.0)
+        db = tl.where(mb, xb - pivot[None, :], 0.0)
+        if GRAD:
+            acc1 += dya + dyb
+            acc2 += dya * da + dyb * db
+        else:
+            acc1 += da + db
+            acc2 += da * da + db * db
+
+    s1 = tl.sum(acc1, axis=0)
+    s2 = tl.sum(acc2, axis=0)
+    if GRAD:
+        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
+    else:
+        count = (m_hi - m_lo).to(tl.float32)
+        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+
+
+@triton.jit(do_not_specialize=["C", "T", "R", "rows_per", "S", "cols_per", "col_splits"])
+def _merge_kernel(
+    part_ptr,  # (3 or 2, C, T) float32 tile partials from a _reduce_*_kernel
+    out_ptr,  # stats: (2C+1,) float64 [sum x, sum x^2, count]; GRAD: (2C,) [sum dy, sum dy_xmu]
+    C,
+    T,
+    R,  # rows (N or M): with rows_per, S, cols_per, col_splits gives each tile's count
+    rows_per,
+    S,
+    cols_per,
+    col_splits,
+    BLOCK_CM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = pid * BLOCK_CM + tl.arange(0, BLOCK_CM)
+    c_mask = c < C
+    t_offs = tl.arange(0, BLOCK_T)
+    acc1 = tl.zeros([BLOCK_CM], dtype=tl.float64)  # GRAD: sum dy;  stats: running mean
+    acc2 = tl.zeros([BLOCK_CM], dtype=tl.float64)  # GRAD: sum dy_xmu;  stats: running M2
+    n = tl.zeros([BLOCK_CM], dtype=tl.float64)  # stats: values merged so far
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + t_offs
+        t_mask = t < T
+        mask = c_mask[:, None] & t_mask[None, :]
+        offs = c[:, None] * T + t[None, :]
+        p1 = tl.load(part_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        p2 = tl.load(part_ptr + C * T + offs, mask=mask, other=0.0).to(tl.float64)
+        if not GRAD:  # tile mean = pivot + shifted mean, exact in float64
+            p1 += tl.load(part_ptr + 2 * C * T + offs, mask=mask, other=0.0).to(tl.float64)
+        if GRAD:
+            acc1 += tl.sum(p1, axis=1)
+            acc2 += tl.sum(p2, axis=1)
+        else:
+            # Chan: merge this chunk of tiles exactly (two sums), then merge it into the total.
+            pn = t // col_splits
+            ps = t % col_splits
+            rows = tl.minimum(pn * rows_per + rows_per, R) - pn * rows_per
+            cols = tl.minimum(ps * cols_per + cols_per, S) - ps * cols_per
+            cnt = tl.where(t_mask, rows.to(tl.float64) * cols.to(tl.float64), 0.0)
+            n_chunk = tl.sum(cnt, axis=0)
+            mean_chunk = tl.sum(cnt[None, :] * p1, axis=1) / n_chunk
+            dev = tl.where(mask, p1 - mean_chunk[:, None], 0.0)
+            m2_chunk = tl.sum(p2 + cnt[None, :] * dev * dev, axis=1)
+            n_new = n + n_chunk
+            delta = mean_chunk - acc1
+            acc1 += delta * (n_chunk / n_new)
+            acc2 += m2_chunk + delta * delta * (n * n_chunk / n_new)
+            n = n_new
+    if GRAD:
+        tl.store(out_ptr + c, acc1, mask=c_mask)
+        tl.store(out_ptr + C + c, acc2, mask=c_mask)
+    else:
+        tl.store(out_ptr + c, n * acc1, mask=c_mask)
+        tl.store(out_ptr + C + c, acc2 + n * acc1 * acc1, mask=c_mask)
+        if pid == 0:  # the count, exact in float64 (every channel has the same)
+            tl.store(out_ptr + 2 * C, tl.sum(tl.where(c == 0, n, 0.0), axis=0))
+
+
+@triton.jit(do_not_specialize=["C"])
+def _finalize_kernel(
+    stats_ptr,  # (2C+1,) float64 all-reduced [sum x, sum x^2, count]
+    mean_ptr,  # (C,) out
+    invstd_ptr,  # (C,) out
+    running_mean_ptr,  # (C,) updated in place (HAS_RUNNING_MEAN)
+    running_var_ptr,  # (C,) updated in place (HAS_RUNNING_VAR)
+    momentum_ptr,  # 0-d tensor (MOMENTUM_TENSOR)
+    momentum,  # float (not MOMENTUM_TENSOR)
+    eps,
+    C,
+    BLOCK: tl.constexpr,
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    n = tl.load(stats_ptr + 2 * C)
+    mean = tl.load(stats_ptr + c, mask=mask, other=0.0) / n
+    var = tl.maximum(tl.load(stats_ptr + C + c, mask=mask, other=0.0) / n - mean * mean, 0.0)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, mean, mask=mask)
+    tl.store(invstd_ptr + c, invstd, mask=mask)
+    if HAS_RUNNING_MEAN or HAS_RUNNING_VAR:
+        if MOMENTUM_TENSOR:
+            w = tl.load(momentum_ptr).to(tl.float32)
+        else:
+            w = momentum
+    # torch.lerp's formula (two branches), so that a weight of 1 gives exactly the new value.
+    if HAS_RUNNING_MEAN:
+        old = tl.load(running_mean_ptr + c, mask=mask)
+        new = mean.to(tl.float32).to(old.dtype).to(tl.float32)
+        old = old.to(tl.float32)
+        upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
+        tl.store(running_mean_ptr + c, upd, mask=mask)
+    if HAS_RUNNING_VAR:
+        old = tl.load(running_var_ptr + c, mask=mask)
+        new = (var * (n / (n - 1.0))).to(tl.float32).to(old.dtype).to(tl.float32)
+        old = old.to(tl.float32)
+        upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
+        tl.store(running_var_ptr + c, upd, mask=mask)
+
+
+@triton.jit
+def _channel_coefs(
+    c,
+    mask,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    sums_ptr,
+    count_ptr,
+    C,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    """Per-channel (mean, a, b, k) with out = (x - mean) * a + b [+ dy * k], all float32."""
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        scale = invstd * tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        scale = invstd
+    if BACKWARD:
+        inv_count = 1.0 / tl.load(count_ptr).to(tl.float32)
+        mean_dy = tl.load(sums_ptr + c, mask=mask, other=0.0).to(tl.float32) * inv_count
+        mean_dy_xmu = tl.load(sums_ptr + C + c, mask=mask, other=0.0).to(tl.float32) * inv_count
+        a = -scale * invstd * invstd * mean_dy_xmu
+        b = -scale * mean_dy
+    else:
+        a = scale
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros_like(scale)
+    return mean, a, b, scale
+
+
+@triton.jit(do_not_specialize=["R", "C", "s_blocks"])
+def _elemt_ncs_kernel(
+    x_ptr,  # (N, C, S) contiguous input
+    dy_ptr,  # (N, C, S) contiguous grad_out (BACKWARD only)
+    out_ptr,  # (N, C, S) contiguous out: y, or grad_input (BACKWARD)
+    mean_ptr,  # (C,)
+    invstd_ptr,  # (C,)
+    weight_ptr,  # (C,) (HAS_WEIGHT)
+    bias_ptr,  # (C,) (HAS_BIAS, forward only)
+    sums_ptr,  # (2C,) global [sum dy, sum dy_xmu] (BACKWARD)
+    count_ptr,  # 0-d float64 global count (BACKWARD)
+    R,  # N * C rows of S values
+    C,
+    S,
+    s_blocks,  # cdiv(S, BLOCK_S)
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rb = pid // s_blocks
+    sb = pid % s_blocks
+    r0 = rb * BLOCK_R
+    r_local = tl.arange(0, BLOCK_R)
+    r_mask = (r0 + r_local) < R
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = r_mask[:, None] & (s < S)[None, :]
+    mean, a, b, k = _channel_coefs(
+        (r0 + r_local) % C, r_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr,
+        count_ptr, C, HAS_WEIGHT, HAS_BIAS, BACKWARD,
+    )
+    offs = r0.to(tl.int64) * S + (r_local[:, None] * S + s[None, :])
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (x - mean[:, None]) * a[:, None] + b[:, None]
+    if BACKWARD:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out += dy * k[:, None]
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "c_blocks"])
+def _elemt_mc_kernel(
+    x_ptr,  # (M, C) row-major input
+    dy_ptr,  # (M, C) row-major grad_out (BACKWARD only)
+    out_ptr,  # (M, C) row-major out
+    mean_ptr,  # (C,)
+    invstd_ptr,  # (C,)
+    weight_ptr,  # (C,) (HAS_WEIGHT)
+    bias_ptr,  # (C,) (HAS_BIAS, forward only)
+    sums_ptr,  # (2C,) global [sum dy, sum dy_xmu] (BACKWARD)
+    count_ptr,  # 0-d float64 global count (BACKWARD)
+    M,
+    C,
+    c_blocks,  # cdiv(C, BLOCK_C)
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    mb = pid // c_blocks
+    cb = pid % c_blocks
+    m0 = mb * BLOCK_M
+    m_local = tl.arange(0, BLOCK_M)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mask = ((m0 + m_local) < M)[:, None] & c_mask[None, :]
+    mean, a, b, k = _channel_coefs(
+        c, c_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr, C,
+        HAS_WEIGHT, HAS_BIAS, BACKWARD,
+    )
+    offs = m0.to(tl.int64) * C + (m_local[:, None] * C + c[None, :])
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (x - mean[None, :]) * a[None, :] + b[None, :]
+    if BACKWARD:
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out += dy * k[None, :]
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts and launch configurations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs of the launch rules (tests shrink them to get many tiles from tiny tensors)."""
+
+    tile_bytes: int = 8192
+    """Bytes of one input per program per step: 2048 float32 or 4096 half values."""
+    reduce_programs_per_sm: int = 8
+    """Reduction programs wanted per multiprocessor (a few waves: a short tail)."""
+    workspace_fraction: float = 0.05
+    """Tile partials (12 bytes per channel per tile) stay under this fraction of the input."""
+    max_tiles: int = 2048
+    """Upper bound on tiles per channel, which bounds the merge's work."""
+    merge_step: int = 1024
+    """Tiles the merge kernel reads per channel per step (at most 1024)."""
+    sm_count: int | None = None
+    """Override of the multiprocessor count (None: read off the device; 4 for CPU tensors)."""
+
+
+TUNING = Tuning()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if TUNING.sm_count is not None:
+        return TUNING.sm_count
+    if device.type != "cuda":
+        return 4  # CPU tensors run under the interpreter: few programs is fastest.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_sm_count(index)
+
+
+def _pow2s(lo: int, hi: int) -> list[int]:
+    """Powers of two from ``hi`` down to ``lo`` (both powers of two)."""
+    out = []
+    while hi >= lo:
+        out.append(hi)
+        hi //= 2
+    return out
+
+
+def _padded(n: int, block: int) -> int:
+    return triton.cdiv(n, block) * block
+
+
+def _s_block(s: int, tile: int) -> int:
+    """Block along S (contiguous) for the (N, C, S) kernels.
+
+    The largest power of two (at least 128, at most the tile) that pads S by at most 1/32, so
+    that rows split into few, nearly full blocks; failing that, one block covering the whole row
+    (small S such as 49 or 196: masked lanes cost issue slots, not memory traffic).
+    """
+    full = min(triton.next_power_of_2(s), tile)
+    for p in _pow2s(min(128, full), full):
+        if _padded(s, p) * 32 <= s * 33:
+            return p
+    return full
+
+
+def _c_block(c: int) -> int:
+    """Widest block along C (contiguous) for the (M, C) kernels: up to 256 with padding <= 1/8."""
+    cands = _pow2s(16, 256)
+    best = min(_padded(c, p) for p in cands)
+    widest = max(p for p in cands if _padded(c, p) * 8 <= best * 9)
+    return min(widest, triton.next_power_of_2(c))
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a tensor's memory is walked: ``ncs`` (N, C, S) or ``mc`` (M, C) row-major."""
+
+    kind: str
+    rows: int  # N (ncs) or M (mc)
+    channels: int
+    inner: int  # S (ncs) or 1 (mc)
+
+
+def _classify(x: torch.Tensor) -> tuple[torch.Tensor, _View]:
+    """The tensor to read (``x`` itself unless its strides fit neither layout) and its view."""
+    n, c = x.shape[0], x.shape[1]
+    s = math.prod(x.shape[2:])
+    if x.is_contiguous():
+        if s == 1:
+            return x, _View("mc", n, c, 1)
+        return x, _View("ncs", n, c, s)
+    if x.movedim(1, -1).is_contiguous():
+        return x, _View("mc", n * s, c, 1)
+    # Arbitrary strides (a slice, a transpose): one copy, then contiguous rules apply.
+    return _classify(x.contiguous())
+
+
+def _match_layout(t: torch.Tensor, view: _View) -> torch.Tensor:
+    """``t`` (same shape as the input) laid out as ``view`` says, copied only if it is not."""
+    if view.kind == "ncs":
+        return t if t.is_contiguous() else t.contiguous()
+    if t.movedim(1, -1).is_contiguous():
+        return t
+    # channels_last(_3d) for 4-D/5-D, and the same idea for any rank.
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _tile_elems(itemsize: int, tuning: Tuning) -> int:
+    return max(16, tuning.tile_bytes // itemsize)
+
+
+@dataclass(frozen=True)
+class _ReduceConfig:
+    block_a: int  # BLOCK_C (ncs) or BLOCK_M (mc)
+    block_b: int  # BLOCK_S (ncs) or BLOCK_C (mc)
+    c_blocks: int
+    rows_per: int
+    cols_per: int
+    col_splits: int
+    tiles: int  # T, tiles per channel
+    grid: int
+    num_warps: int
+    merge_block_c: int
+    merge_block_t: int
+    merge_warps: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _ReduceConfig:
+    """Split every channel's values into T tiles over about ``sms * programs_per_sm`` programs.
+
+    Programs = channel blocks x T. T is capped so that the partials stay a small fraction of
+    the input; when that leaves too few programs (many channels, few values each), the channel
+    block shrinks to make more of them.
+    """
+    tile = _tile_elems(itemsize, tuning)
+    want = max(1, sms * tuning.reduce_programs_per_sm)
+    values = view.rows * view.inner  # per channel
+    t_cap = int(values * itemsize * tuning.workspace_fraction / 12)
+    t_cap = max(1, min(tuning.max_tiles, t_cap))
+    if view.kind == "ncs":
+        if view.inner % 16:  # rows not 16-aligned: scalar loads, a register each (half the tile)
+            tile = max(16, tile // 2)
+        block_s = _s_block(view.inner, tile)
+        chunks = triton.cdiv(view.inner, block_s)  # steps per sample
+        block_c = max(1, min(tile // block_s, triton.next_power_of_2(view.channels)))
+        while True:
+            c_blocks = triton.cdiv(view.channels, block_c)
+            steps = max(1, (c_blocks * view.rows * chunks) // want)
+            steps = max(steps, triton.cdiv(view.rows * chunks, t_cap))
+            if steps >= chunks:  # whole samples per tile
+                rows_per, cols_per = steps // chunks, view.inner
+            else:
+                rows_per, cols_per = 1, steps * block_s
+            col_splits = triton.cdiv(view.inner, cols_per)
+            tiles = triton.cdiv(view.rows, rows_per) * col_splits
+            if 2 * c_blocks * tiles >= want or block_c == 1:
+                break
+            block_c //= 2
+        block_a, block_b = block_c, block_s
+    else:
+        block_c = _c_block(view.channels)
+        while True:
+            block_m = max(1, min(tile // block_c, triton.next_power_of_2(view.rows)))
+            c_blocks = triton.cdiv(view.channels, block_c)
+            m_blocks = triton.cdiv(view.rows, block_m)
+            steps = max(1, (c_blocks * m_blocks) // want, triton.cdiv(m_blocks, t_cap))
+            rows_per, cols_per, col_splits = steps * block_m, 1, 1
+            tiles = triton.cdiv(view.rows, rows_per)
+            # Narrower than 32 channels, rows become short scattered segments.
+            if 2 * c_blocks * tiles >= want or block_c <= 32:
+                break
+            block_c //= 2
+        block_a, block_b = block_m, block_c
+    merge_block_t = min(triton.next_power_of_2(tiles), tuning.merge_step)
+    # 1024 float64 values per array per step (8 per thread: no spills), at most 64 channels per
+    # program (C / 64 programs at least).
+    merge_block_c = max(1, min(1024 // merge_block_t, 64, triton.next_power_of_2(view.channels)))
+    return _ReduceConfig(
+        block_a, block_b, c_blocks, rows_per, cols_per, col_splits, tiles,
+        grid=c_blocks * tiles, num_warps=8 if block_a * block_b >= 2048 else 4,
+        merge_block_c=merge_block_c, merge_block_t=merge_block_t,
+        merge_warps=8 if merge_block_c * merge_block_t >= 512 else 4,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _ElemtConfig:
+    block_a: int  # BLOCK_R (ncs) or BLOCK_M (mc)
+    block_b: int  # BLOCK_S (ncs) or BLOCK_C (mc)
+    b_blocks: int  # s_blocks (ncs) or c_blocks (mc)
+    grid: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
+    """One tile of ``tile_bytes`` per program; rows of S (ncs) or of C (mc) as the inner axis."""
+    tile = _tile_elems(itemsize, tuning)
+    if view.kind == "ncs":
+        block_b = _s_block(view.inner, tile)
+        rows = view.rows * view.channels
+        b_blocks = triton.cdiv(view.inner, block_b)
+    else:
+        block_b = _c_block(view.channels)
+        rows = view.rows
+        b_blocks = triton.cdiv(view.channels, block_b)
+    block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
+    grid = triton.cdiv(rows, block_a) * b_blocks
+    # Rows of S not a multiple of 16 (49, 196) cannot be loaded as vectors, and every thread then
+    # holds values and coefficients of many rows: 8 warps halve the registers per thread (with
+    # 4 warps the compiler reports 190-255 registers and spills).
+    num_warps = 8 if view.kind == "ncs" and view.inner % 16 and block_a >= 16 else 4
+    return _ElemtConfig(block_a, block_b, b_blocks, grid, num_warps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: the backend interface (see syncbn.ops.reference for the contract of each)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduce(x: torch.Tensor, view: _View, dy: torch.Tensor | None, mean: torch.Tensor | None):
+    """Launch a reduce kernel; returns the (3 or 2, C, T) partials and the config."""
+    cfg = _reduce_config(view, x.element_size(), _sm_count(x.device), TUNING)
+    grad = dy is not None
+    slots = 2 if grad else 3
+    part = torch.empty((slots, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
+    dy_arg = dy if grad else x
+    mean_arg = mean if grad else part
+    if view.kind == "ncs":
+        _reduce_ncs_kernel[(cfg.grid,)](
+            x, dy_arg, mean_arg, part, view.rows, view.channels, view.inner,
+            cfg.rows_per, cfg.cols_per, cfg.col_splits, cfg.c_blocks, cfg.tiles,
+            BLOCK_C=cfg.block_a, BLOCK_S=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps,
+        )  # fmt: skip
+    else:
+        _reduce_mc_kernel[(cfg.grid,)](
+            x, dy_arg, mean_arg, part, view.rows, view.channels, cfg.rows_per, cfg.c_blocks,
+            cfg.tiles, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, GRAD=grad,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return part, cfg
+
+
+def _merge(part: torch.Tensor, out: torch.Tensor, view: _View, cfg: _ReduceConfig, grad: bool):
+    grid = (triton.cdiv(view.channels, cfg.merge_block_c),)
+    _merge_kernel[grid](
+        part, out, view.channels, cfg.tiles, view.rows, cfg.rows_per, view.inner, cfg.cols_per,
+        cfg.col_splits, BLOCK_CM=cfg.merge_block_c,
+        BLOCK_T=cfg.merge_block_t, GRAD=grad, num_warps=cfg.merge_warps,
+    )  # fmt: skip
+
+
+def local_stats(x: torch.Tensor) -> torch.Tensor:
+    """Float64 ``[sum x per channel, sum x**2 per channel, count]`` (2C+1 values) of this rank.
+
+    The sum of squares is ``M2 + n * mean**2`` from Chan's merge of float32 tile moments, never
+    a float32 sum of squares.
+    """
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
+    x, view = _classify(x)
+    part, cfg = _reduce(x, view, None, None)
+    packed = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
+    _merge(part, packed, view, cfg, grad=False)
+    return packed
+
+
+def finalize(
+    stats: torch.Tensor,
+    eps: float,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (mean, invstd) in ``dtype``; running buffers updated in place, all in one launch."""
+    channels = (stats.numel() - 1) // 2
+    out = torch.empty((2, channels), dtype=dtype, device=stats.device)
+    mean, invstd = out[0], out[1]
+    momentum_tensor = isinstance(momentum, torch.Tensor)
+    block = min(1024, triton.next_power_of_2(max(channels, 1)))
+    _finalize_kernel[(triton.cdiv(channels, block),)](
+        stats, mean, invstd,
+        running_mean if running_mean is not None else mean,
+        running_var if running_var is not None else invstd,
+        momentum if momentum_tensor else stats,
+        0.0 if momentum_tensor else float(momentum),
+        float(eps), channels, BLOCK=block,
+        HAS_RUNNING_MEAN=running_mean is not None, HAS_RUNNING_VAR=running_var is not None,
+        MOMENTUM_TENSOR=momentum_tensor, num_warps=4,
+    )  # fmt: skip
+    return mean, invstd
+
+
+def _elemt(
+    x: torch.Tensor,
+    dy: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> torch.Tensor:
+    x, view = _classify(x)
+    backward = dy is not None
+    if backward:
+        dy = _match_layout(dy, view)
+    out = torch.empty_like(x)  # x is dense here: same strides, same view
+    cfg = _elemt_config(view, x.element_size(), TUNING)
+    args = (
+        x, dy if backward else x, out, mean, invstd,
+        weight if weight is not None else mean, bias if bias is not None else mean,
+        sums if backward else mean, count if backward else mean,
+    )  # fmt: skip
+    flags = dict(
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not backward,
+        BACKWARD=backward, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    if view.kind == "ncs":
+        _elemt_ncs_kernel[(cfg.grid,)](
+            *args, view.rows * view.channels, view.channels, view.inner, cfg.b_blocks,
+            BLOCK_R=cfg.block_a, BLOCK_S=cfg.block_b, **flags,
+        )  # fmt: skip
+    else:
+        _elemt_mc_kernel[(cfg.grid,)](
+            *args, view.rows, view.channels, cfg.b_blocks,
+            BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, **flags,
+        )  # fmt: skip
+    return out
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _elemt(x, None, mean, invstd, weight, bias, None, None)
+
+
+def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Local ``[sum(dy), sum(dy * (x - mean))]`` per channel, 2C values of mean's dtype."""
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
+    x, view = _classify(x)
+    dy = _match_layout(grad_out, view)
+    part, cfg = _reduce(x, view, dy, mean)
+    sums = torch.empty(2 * channels, dtype=mean.dtype, device=x.device)
+    _merge(part, sums, view, cfg, grad=True)
+    return sums
+
+
+def backward_elemt(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    sums: torch.Tensor,
+    count: torch.Tensor,
+) -> torch.Tensor:
+    """Input gradient from the global ``sums = [sum_dy, sum_dy_xmu]`` and the global ``count``.
+
+    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return _elemt(x, grad_out, mean, invstd, weight, None, sums, count)

@@ -1,0 +1,344 @@
+"""GPU tests: the Triton kernels at real sizes, the layer on a 1-process NCCL group, CUDA graphs.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py        # runs this file (and the rest) on a GPU
+    python -m pytest -q tests/test_cuda.py             # the same, by hand
+
+Everything here needs CUDA and is skipped without it; tests/test_triton_ops.py covers the
+kernels on CPU under Triton's interpreter. Three things only a GPU can show:
+
+- the compiled kernels (not the interpreter) agree with float64 statistics and with the torch
+  path at the sizes the benchmarks use, where tiles, splits and the merge are all in play;
+- ``syncbn.SyncBatchNorm`` on the synced path (a 1-process NCCL group, ``SYNCBN_ALWAYS_SYNC=1``)
+  matches ``nn.BatchNorm`` on the same data, and makes no device-to-host synchronization;
+- a whole training step with syncbn layers, captured once in a ``torch.cuda.CUDAGraph`` and
+  replayed on new data, trains exactly like eager mode, step by step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import syncbn
+from syncbn import distributed as sb_distributed
+from syncbn.ops import backend_name, reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs CUDA; benchmarks/gpu_check.py runs these tests on a GPU machine",
+    ),
+]
+
+DEVICE = torch.device("cuda")
+
+# Outputs in x's dtype: (rtol, atol). Both sides compute in float32 and round once.
+OUT_TOL = {
+    torch.float32: (1e-5, 1e-5),  # float32 math in another order
+    torch.float16: (1e-3, 2e-3),  # one float16 rounding apart at most
+    torch.bfloat16: (8e-3, 1.6e-2),  # one bfloat16 rounding apart at most
+}
+
+
+def _triton_ops():
+    from syncbn.ops import triton as triton_ops
+
+    return triton_ops
+
+
+def make_input(shape, dtype, memory_format=None, seed=0, mean=0.5, std=2.0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(shape, generator=g, device=DEVICE) * std + mean
+    x = x + 0.01 * torch.arange(shape[1], device=DEVICE).view((1, -1) + (1,) * (len(shape) - 2))
+    x = x.to(dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+def channel_view(t, ndim):
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format",
+    [
+        ((32, 64, 112, 112), torch.bfloat16, torch.channels_last),  # ResNet stem, AMP
+        ((32, 64, 112, 112), torch.float32, None),
+        ((32, 2048, 7, 7), torch.bfloat16, torch.channels_last),  # many channels, H*W = 49
+        ((32, 2048, 7, 7), torch.float16, None),
+        ((2, 64, 400, 608), torch.float32, None),  # detection stem: few channels, huge N*H*W
+        ((2, 64, 400, 608), torch.bfloat16, torch.channels_last),
+        ((4096, 2048), torch.bfloat16, None),  # BatchNorm1d in a projection head
+        ((2, 32, 8, 28, 28), torch.float16, torch.channels_last_3d),
+    ],
+    ids=["stem-bf16-nhwc", "stem-f32-nchw", "c2048-bf16-nhwc", "c2048-f16-nchw",
+         "det-f32-nchw", "det-bf16-nhwc", "2d-bf16", "3d-f16-ndhwc"],
+)  # fmt: skip
+def test_kernels_at_real_sizes(shape, dtype, memory_format):
+    triton_ops = _triton_ops()
+    x = make_input(shape, dtype, memory_format)
+    assert backend_name(x) == "triton"
+    channels, dims = shape[1], [0] + list(range(2, len(shape)))
+    x64 = x.double()
+
+    n, mean, var = _moments(triton_ops.local_stats(x))
+    var64, mean64 = torch.var_mean(x64, dims, correction=0)
+    assert n.item() == x.numel() // channels
+    # float32 tile sums of shifted values merged in float64: ~1e-7 relative, 1e-5 leaves room.
+    torch.testing.assert_close(var, var64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean, mean64, rtol=0, atol=1e-5 * var64.max().sqrt().item())
+
+    stats = reference.local_stats(x)
+    mean32, invstd = reference.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+    weight = torch.rand(channels, device=DEVICE) + 0.5
+    bias = torch.randn(channels, device=DEVICE)
+    rtol, atol = OUT_TOL[dtype]
+    y = triton_ops.normalize(x, mean32, invstd, weight, bias)
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+    torch.testing.assert_close(y, reference.normalize(x, mean32, invstd, weight, bias), rtol=rtol, atol=atol)
+    del y
+
+    dy = make_input(shape, dtype, memory_format, seed=1, mean=0.0, std=1.0)
+    sums = triton_ops.backward_reduce(dy, x, mean32)
+    xmu = x64 - channel_view(mean32.double(), x.dim())
+    terms = (dy.double(), dy.double() * xmu)
+    truth = torch.cat([t.sum(dims) for t in terms])
+    scale = torch.cat([t.abs().sum(dims) for t in terms])
+    del xmu, terms
+    # float32 partial sums: error a small multiple of eps32 times the sum of |terms|.
+    assert ((sums.double() - truth).abs() <= 1e-5 * scale + 1e-6).all()
+
+    grad_in = triton_ops.backward_elemt(dy, x, mean32, invstd, weight, sums, stats[-1])
+    assert grad_in.dtype == x.dtype and grad_in.stride() == x.stride()
+    ref = reference.backward_elemt(dy, x, mean32, invstd, weight, sums, stats[-1])
+    torch.testing.assert_close(grad_in, ref, rtol=rtol, atol=atol)
+
+
+def _moments(packed):
+    c = (packed.numel() - 1) // 2
+    n = packed[-1]
+    mean = packed[:c] / n
+    return n, mean, packed[c : 2 * c] / n - mean * mean
+
+
+# --- the layer on a 1-process NCCL group -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nccl_group(tmp_path_factory):
+    """A 1-process NCCL world, initialized in this process, destroyed after the module."""
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL is not available in this torch build")
+    torch.cuda.set_device(0)
+    store = dist.FileStore(str(tmp_path_factory.mktemp("nccl") / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def always_sync(monkeypatch, nccl_group):
+    """The synced path at world size 1, with a count of the all-reduces it makes."""
+    monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+    calls = []
+    real = sb_distributed.all_reduce_sum
+
+    def counting(buffer, group):
+        calls.append(buffer.numel())
+        return real(buffer, group)
+
+    monkeypatch.setattr(sb_distributed, "all_reduce_sum", counting)
+    return calls
+
+
+def _train(module, xs, dys):
+    out = []
+    for x, dy in zip(xs, dys):
+        x = x.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        y.backward(dy)
+        out.append((y.detach(), x.grad, module.weight.grad, module.bias.grad))
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format, momentum",
+    [
+        ((8, 32, 28, 28), torch.float32, None, 0.1),
+        ((8, 32, 28, 28), torch.bfloat16, torch.channels_last, None),  # AMP, cumulative average
+        ((4, 16, 6, 14, 14), torch.float16, torch.channels_last_3d, 0.1),
+        ((64, 256), torch.float32, None, 0.3),
+    ],
+    ids=["f32-nchw", "bf16-nhwc-momentum-none", "f16-ndhwc", "2d-f32"],
+)
+def test_layer_synced_world_of_one_matches_batchnorm(always_sync, shape, dtype, memory_format, momentum):
+    channels = shape[1]
+    bn_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
+    ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(DEVICE)
+    theirs = bn_cls(channels, momentum=momentum).to(DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            m.bias.copy_(torch.linspace(-1, 1, channels))
+    xs = [make_input(shape, dtype, memory_format, seed=s) for s in (10, 11, 12)]
+    dys = [make_input(shape, dtype, memory_format, seed=s, mean=0.0, std=1.0) for s in (20, 21, 22)]
+    # Warm-up on a spare layer: compiles the kernels and starts NCCL outside the checks below.
+    _train(syncbn.SyncBatchNorm(channels, momentum=momentum).to(DEVICE), xs[:1], dys[:1])
+    always_sync.clear()
+    with sync_debug_error():
+        got = _train(ours, xs, dys)
+    # The reference: float32 BatchNorm on the same (rounded) values.
+    want = _train(theirs, [x.float() for x in xs], [d.float() for d in dys])
+    assert always_sync == [2 * channels + 1, 2 * channels] * 3  # one all-reduce per pass
+    rtol, atol = OUT_TOL[dtype]
+    for (y, gx, gw, gb), (ry, rgx, rgw, rgb) in zip(got, want):
+        assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format or torch.contiguous_format)
+        torch.testing.assert_close(y.float(), ry, rtol=rtol, atol=atol)
+        torch.testing.assert_close(gx.float(), rgx, rtol=rtol, atol=atol)
+        # weight/bias grads: float32 sums over up to 200k values in a different order.
+        torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(gb, rgb, rtol=1e-4, atol=1e-3)
+    # float64-merged statistics against cuDNN/ATen float32 ones.
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-5)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    """Any device-to-host synchronization inside raises (where torch offers the check)."""
+    if not hasattr(torch.cuda, "set_sync_debug_mode"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --- CUDA graphs: a whole training step captured and replayed ------------------------------
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        syncbn.SyncBatchNorm(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+        syncbn.SyncBatchNorm(32, momentum=None),  # cumulative average: a device-side momentum
+        nn.ReLU(),
+        nn.Conv2d(32, 24, 1, bias=False),
+        syncbn.SyncBatchNorm(24),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    ).to(DEVICE)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("synced", [False, True], ids=["no-group", "nccl-world-1"])
+def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last):
+    if synced:
+        request.getfixturevalue("nccl_group")
+        monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+    else:  # with or without a default group of one: no collective without SYNCBN_ALWAYS_SYNC
+        monkeypatch.delenv("SYNCBN_ALWAYS_SYNC", raising=False)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = _small_model().to(memory_format=memory_format)
+    eager = copy.deepcopy(model)
+    initial = _state(model)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
+
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    batches = [
+        (torch.randn(8, 3, 16, 16, device=DEVICE, generator=g).contiguous(memory_format=memory_format),
+         torch.randint(0, 10, (8,), device=DEVICE, generator=g))
+        for _ in range(6)
+    ]  # fmt: skip
+    static_x = batches[0][0].clone()
+    static_t = batches[0][1].clone()
+
+    # Warm up on a side stream (compiles the kernels, initializes NCCL), as PyTorch documents.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(static_x), static_t).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    # NCCL's watchdog thread queries events: "thread_local" keeps the capture strict for this
+    # thread (any synchronizing call of ours still fails) without tripping over that thread.
+    mode = "thread_local" if synced else "global"
+    with torch.cuda.graph(graph, capture_error_mode=mode):
+        static_loss = loss_fn(model(static_x), static_t)
+        static_loss.backward()
+        opt.step()
+
+    # Undo the warm-up: the graph reads and writes these very tensors.
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(initial[k])
+
+    for step, (x, t) in enumerate(batches):
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+
+        opt_eager.zero_grad(set_to_none=True)
+        loss = loss_fn(eager(x), t)
+        loss.backward()
+        opt_eager.step()
+
+        # Same kernels on the same data; conv algorithms may differ in summation order.
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5, msg=f"loss, step {step}")
+        got, want = model.state_dict(), eager.state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{k}, step {step}")
+    assert model[4].num_batches_tracked.item() == len(batches)
+
+
+def test_no_host_sync_in_a_training_step():
+    if not hasattr(torch.cuda, "set_sync_debug_mode"):
+        pytest.skip("torch.cuda.set_sync_debug_mode is not available")
+    layer = syncbn.SyncBatchNorm(64, momentum=None).to(DEVICE)
+    x = make_input((4, 64, 32, 32), torch.bfloat16, torch.channels_last).requires_grad_(True)
+    layer(x).sum().backward()  # compile outside the check
+    torch.cuda.synchronize()
+    with sync_debug_error():
+        layer(x).sum().backward()  # an expanded gradient: one copy, no synchronization
+    torch.cuda.synchronize()
+
+
+def test_eval_and_reference_backend_still_work(monkeypatch):
+    layer = syncbn.SyncBatchNorm(8).to(DEVICE)
+    x = make_input((4, 8, 5, 5), torch.float32)
+    layer(x)
+    layer.eval()
+    torch.testing.assert_close(
+        layer(x), F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+    )  # fmt: skip
+    monkeypatch.setenv("SYNCBN_BACKEND", "torch")
+    assert backend_name(x) == "torch"
+    layer.train()
+    layer(x).sum().backward()
+

@@ -1,0 +1,393 @@
+"""The Triton kernels against the torch-ops path, op by op, on the same tensors.
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_ops.py     # CPU, no GPU needed
+
+Without CUDA the kernels run on CPU tensors under Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1); with CUDA (benchmarks/gpu_check.py) the same tests run the compiled kernels
+on CUDA tensors. Shapes are tiny and awkward on purpose: the interpreter runs every program in
+Python, and odd sizes are where tiling bugs live. Every case runs twice: with the default launch
+rules, and with tiny tiles and many programs so that every channel is split over many tiles and
+the merge kernel loops.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from syncbn.ops import backend_name, reference
+
+triton_ops = pytest.importorskip("syncbn.ops.triton", reason="triton is not installed")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HALF = (torch.float16, torch.bfloat16)
+
+CASES = [
+    pytest.param((5, 3), None, id="2d-N5-C3"),  # (N, C): the (M, C) path
+    pytest.param((4, 3, 7), None, id="ncl-L7"),  # (N, C, L), odd L
+    pytest.param((2, 3, 7, 7), None, id="nchw-hw49"),  # H*W = 49, not a power of two
+    pytest.param((2, 3, 7, 7), torch.channels_last, id="nhwc-hw49"),
+    pytest.param((1, 5, 3, 3), None, id="nchw-N1"),  # a single sample
+    pytest.param((3, 6, 2, 3, 4), None, id="ncdhw"),
+    pytest.param((3, 6, 2, 3, 4), torch.channels_last_3d, id="ndhwc"),
+    pytest.param((2, 1, 48, 40), None, id="one-big-channel"),  # C = 1, 3840 values
+    pytest.param((2, 130, 3, 3), None, id="nchw-C130"),  # non-power-of-two C > 128
+    pytest.param((2, 130, 3, 3), torch.channels_last, id="nhwc-C130"),
+    pytest.param((6, 4, 1, 1), None, id="nchw-hw1"),  # contiguous with S = 1: the (M, C) path
+]
+
+# Outputs in x's dtype: (rtol, atol). Both sides compute in float32 and round once.
+OUT_TOL = {
+    torch.float32: (1e-5, 1e-5),  # float32 math in another order: a few ulp
+    torch.float16: (1e-3, 2e-3),  # one float16 rounding apart at most (ulp 2**-10)
+    torch.bfloat16: (8e-3, 1.6e-2),  # one bfloat16 rounding apart at most (ulp 2**-7)
+}
+
+# Launch rules shrunk so that tiny tensors get what big ones get on a GPU: many tiles per channel
+# (the merge kernel loops over them), and tiles of many steps (the reduce loop, odd and even
+# step counts).
+MANY_TILES = triton_ops.Tuning(
+    tile_bytes=256, reduce_programs_per_sm=4, workspace_fraction=100.0, max_tiles=64,
+    merge_step=4, sm_count=8,
+)  # fmt: skip
+LONG_TILES = triton_ops.Tuning(
+    tile_bytes=64, reduce_programs_per_sm=3, workspace_fraction=100.0, max_tiles=64,
+    merge_step=2, sm_count=1,
+)  # fmt: skip
+TILINGS = {"default-tiles": None, "many-tiles": MANY_TILES, "long-tiles": LONG_TILES}
+
+
+@pytest.fixture(params=list(TILINGS))
+def tiling(request, monkeypatch):
+    if TILINGS[request.param] is not None:
+        monkeypatch.setattr(triton_ops, "TUNING", TILINGS[request.param])
+    return request.param
+
+
+def make_input(shape, dtype, memory_format=None, mean=3.0, std=2.0, seed=0):
+    """Random input with a different mean per channel, rounded to ``dtype``, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+    channel_offset = torch.arange(shape[1], dtype=torch.float64).view((1, -1) + (1,) * (len(shape) - 2))
+    x = (x + 0.25 * channel_offset).to(dtype)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return x.to(DEVICE)
+
+
+def randn_like(x, seed):
+    """Random values shaped, typed and laid out like ``x``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.empty_like(x).copy_(torch.randn(x.shape, generator=g))
+
+
+def exact_sums(dy, x, mean):
+    """[sum dy, sum dy * (x - mean)] and the same sums of absolute values, in float64."""
+    dims = [0] + list(range(2, x.dim()))
+    xmu = x.double() - mean.double().view((1, -1) + (1,) * (x.dim() - 2))
+    terms = (dy.double(), dy.double() * xmu)
+    return torch.cat([t.sum(dims) for t in terms]), torch.cat([t.abs().sum(dims) for t in terms])
+
+
+def moments(packed):
+    """(count, mean, biased var) in float64 from a packed [sum, sum of squares, count]."""
+    c = (packed.numel() - 1) // 2
+    n = packed[-1]
+    mean = packed[:c] / n
+    return n, mean, packed[c : 2 * c] / n - mean * mean
+
+
+def assert_same_layout(out, x):
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if x.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt, x.dim()):
+            assert out.is_contiguous(memory_format=fmt) == x.is_contiguous(memory_format=fmt), fmt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, memory_format", CASES)
+def test_ops_match_reference(shape, memory_format, dtype, tiling):
+    if DEVICE.type == "cuda" and tiling != "default-tiles" and dtype != torch.bfloat16:
+        pytest.skip("on CUDA the shrunk tilings run in bfloat16 only: every tile shape is a compile")
+    x = make_input(shape, dtype, memory_format)
+    channels = shape[1]
+
+    stats = triton_ops.local_stats(x)
+    ref_stats = reference.local_stats(x)
+    assert stats.dtype == torch.float64 and stats.shape == (2 * channels + 1,)
+    n, mean, var = moments(stats)
+    ref_n, ref_mean, ref_var = moments(ref_stats)
+    assert n.item() == ref_n.item() == x.numel() // channels
+    # float32 tile sums of shifted values, merged in float64: a few float32 ulps of the spread.
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6 * ref_var.max().sqrt().item())
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-9)
+
+    # From here on both sides get the same inputs, so each op is checked on its own.
+    ref_mean32, ref_invstd = reference.finalize(ref_stats, 1e-5, None, None, 0.1, torch.float32)
+    weight = torch.randn(channels, device=DEVICE)
+    bias = torch.randn(channels, device=DEVICE)
+    rtol, atol = OUT_TOL[dtype]
+    y = triton_ops.normalize(x, ref_mean32, ref_invstd, weight, bias)
+    assert_same_layout(y, x)
+    torch.testing.assert_close(
+        y, reference.normalize(x, ref_mean32, ref_invstd, weight, bias), rtol=rtol, atol=atol
+    )
+
+    dy = randn_like(x, seed=1)
+    sums = triton_ops.backward_reduce(dy, x, ref_mean32)
+    ref_sums = reference.backward_reduce(dy, x, ref_mean32)
+    assert sums.dtype == ref_mean32.dtype and sums.shape == (2 * channels,)
+    _, abs_sums = exact_sums(dy, x, ref_mean32)
+    # float32 sums of products: error a small multiple of eps32 times the sum of |terms|.
+    assert ((sums.double() - ref_sums.double()).abs() <= 1e-5 * abs_sums + 1e-6).all()
+
+    count = ref_stats[-1]
+    grad_in = triton_ops.backward_elemt(dy, x, ref_mean32, ref_invstd, weight, ref_sums, count)
+    assert_same_layout(grad_in, x)
+    ref_grad_in = reference.backward_elemt(dy, x, ref_mean32, ref_invstd, weight, ref_sums, count)
+    # float32: dx is a difference of O(1) terms, so compare with an absolute floor as well.
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=rtol, atol=max(atol, 1e-5))
+
+
+@pytest.mark.parametrize("running", ["buffers", "no-buffers", "half-buffers"])
+@pytest.mark.parametrize("momentum", [0.1, 1 / 3, 1.0], ids=["m0.1", "m1/3", "m1"])
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+def test_finalize(running, momentum, momentum_kind):
+    channels = 7  # not a power of two
+    x = make_input((4, channels, 3), torch.float32)
+    stats = reference.local_stats(x)
+    if momentum_kind == "tensor":  # as SyncBatchNorm(momentum=None) passes it: float64, 0-d
+        momentum = torch.tensor(momentum, dtype=torch.float64, device=DEVICE)
+    buf_dtype = torch.bfloat16 if running == "half-buffers" else torch.float32
+    rm = torch.randn(channels, device=DEVICE).to(buf_dtype)
+    rv = (torch.rand(channels, device=DEVICE) + 0.5).to(buf_dtype)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with_buffers = running != "no-buffers"
+    mean, invstd = triton_ops.finalize(
+        stats, 1e-5, rm if with_buffers else None, rv if with_buffers else None, momentum,
+        torch.float32,
+    )  # fmt: skip
+    ref_mean, ref_invstd = reference.finalize(
+        stats, 1e-5, rm_ref if with_buffers else None, rv_ref if with_buffers else None,
+        momentum, torch.float32,
+    )  # fmt: skip
+    # The same float64 formulas rounded once to float32 (eps travels as float32: 1e-8 relative).
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(invstd, ref_invstd, rtol=1e-6, atol=0)
+    # Running buffers: the same lerp in float32 (bfloat16 buffers: one rounding apart).
+    tol = dict(rtol=8e-3, atol=1e-2) if buf_dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rm, rm_ref, **tol)
+    torch.testing.assert_close(rv, rv_ref, **tol)
+    if not with_buffers:
+        assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
+
+
+@pytest.mark.parametrize("affine", ["weight-and-bias", "weight-only", "bias-only", "neither"])
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_optional_weight_and_bias(affine, memory_format):
+    x = make_input((2, 5, 3, 3), torch.float32, memory_format)
+    stats = reference.local_stats(x)
+    mean, invstd = reference.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+    weight = torch.randn(5, device=DEVICE) if affine in ("weight-and-bias", "weight-only") else None
+    bias = torch.randn(5, device=DEVICE) if affine in ("weight-and-bias", "bias-only") else None
+    # float32 math in another order.
+    torch.testing.assert_close(
+        triton_ops.normalize(x, mean, invstd, weight, bias),
+        reference.normalize(x, mean, invstd, weight, bias), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    dy = randn_like(x, 2)
+    sums = reference.backward_reduce(dy, x, mean)
+    torch.testing.assert_close(
+        triton_ops.backward_elemt(dy, x, mean, invstd, weight, sums, stats[-1]),
+        reference.backward_elemt(dy, x, mean, invstd, weight, sums, stats[-1]),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "x_format, dy_kind",
+    [
+        (torch.channels_last, "contiguous"),  # grad in another memory format: one copy
+        (None, "channels_last"),
+        (None, "expanded"),  # as y.sum().backward() gives: stride 0 everywhere
+        (torch.channels_last, "expanded"),
+    ],
+    ids=["x-nhwc-dy-nchw", "x-nchw-dy-nhwc", "x-nchw-dy-expanded", "x-nhwc-dy-expanded"],
+)
+def test_grad_out_in_another_layout(x_format, dy_kind):
+    x = make_input((2, 6, 5, 5), torch.bfloat16, x_format)
+    stats = reference.local_stats(x)
+    mean, invstd = reference.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+    if dy_kind == "expanded":
+        dy = torch.ones((), dtype=x.dtype, device=DEVICE).expand(x.shape)
+    else:
+        dy = randn_like(x, 3)
+        dy = dy.contiguous(memory_format=torch.channels_last if dy_kind == "channels_last" else torch.contiguous_format)
+    weight = torch.randn(6, device=DEVICE)
+    sums = triton_ops.backward_reduce(dy, x, mean)
+    # Against float64 sums, not the torch path: on CPU, bfloat16 x and dy in different memory
+    # formats make torch's native_batch_norm_backward round these sums to bfloat16.
+    truth, abs_sums = exact_sums(dy, x, mean)
+    # float32 sums of products: error a small multiple of eps32 times the sum of |terms|.
+    assert ((sums.double() - truth).abs() <= 1e-5 * abs_sums + 1e-6).all()
+    ref_sums = truth.float()
+    grad_in = triton_ops.backward_elemt(dy, x, mean, invstd, weight, ref_sums, stats[-1])
+    assert_same_layout(grad_in, x)
+    rtol, atol = OUT_TOL[torch.bfloat16]
+    torch.testing.assert_close(
+        grad_in, reference.backward_elemt(dy, x, mean, invstd, weight, ref_sums, stats[-1]),
+        rtol=rtol, atol=atol,
+    )  # fmt: skip
+
+
+def test_strided_input_is_copied_once_and_correct():
+    base = make_input((3, 8, 6, 5), torch.float32)
+    for x in (base[:, ::2], base.transpose(2, 3)):  # a channel slice, a spatial transpose
+        assert not x.is_contiguous() and not x.movedim(1, -1).is_contiguous()
+        stats = triton_ops.local_stats(x)
+        ref_stats = reference.local_stats(x)
+        # Same as the main test: float32 tile sums merged in float64.
+        torch.testing.assert_close(moments(stats)[2], moments(ref_stats)[2], rtol=1e-5, atol=1e-9)
+        mean, invstd = reference.finalize(ref_stats, 1e-5, None, None, 0.1, torch.float32)
+        y = triton_ops.normalize(x, mean, invstd, None, None)
+        torch.testing.assert_close(y, reference.normalize(x, mean, invstd, None, None), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, memory_format",
+    [((2, 3, 16, 16), None), ((2, 3, 16, 16), torch.channels_last), ((256, 3), None), ((1, 1, 64, 64), None)],
+    ids=["nchw", "nhwc", "2d", "one-channel"],
+)
+def test_statistics_are_stable_at_large_mean(shape, memory_format, tiling):
+    # mean 1e4, std 1: a float32 sum of squares minus the squared mean goes negative here.
+    x = make_input(shape, torch.float32, memory_format, mean=1e4, std=1.0)
+    n, mean, var = moments(triton_ops.local_stats(x))
+    x64 = x.double().movedim(1, -1).reshape(-1, shape[1])
+    # float32 x - pivot is exact and pivots travel apart from the shifted means: measured <= 3e-7
+    # (rounding each tile's mean to float32 before merging gave 2e-5 here).
+    torch.testing.assert_close(var, x64.var(0, unbiased=False), rtol=2e-6, atol=0)
+    torch.testing.assert_close(mean, x64.mean(0), rtol=0, atol=1e-3)  # an ulp of 1e4 in float32
+    mean32, invstd = triton_ops.finalize(triton_ops.local_stats(x), 1e-5, None, None, 0.1, torch.float32)
+    y = triton_ops.normalize(x, mean32, invstd, None, None)
+    y64 = (x64 - x64.mean(0)) / (x64.var(0, unbiased=False) + 1e-5).sqrt()
+    # y inherits the float32 mean's rounding (half an ulp of 1e4, 5e-4) times invstd (about 1).
+    torch.testing.assert_close(y.double().movedim(1, -1).reshape(-1, shape[1]), y64, rtol=0, atol=2e-3)
+
+
+def test_empty_input():
+    x = torch.empty((0, 4, 3, 3), device=DEVICE)
+    stats = triton_ops.local_stats(x)
+    assert stats.shape == (9,) and not stats.any()
+    mean, invstd = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    assert triton_ops.normalize(x, mean, invstd, None, None).shape == x.shape
+    assert not triton_ops.backward_reduce(x, x, mean).any()
+    assert triton_ops.backward_elemt(x, x, mean, invstd, None, torch.zeros(8, device=DEVICE), stats[-1]).shape == x.shape
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.delenv("SYNCBN_BACKEND", raising=False)
+    assert backend_name(x) == "torch"  # CPU tensors take the torch path by default
+    assert backend_name(x.double()) == "torch"
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    assert backend_name(x) == "triton"  # the CI hook
+    assert backend_name(x.double()) == "torch"  # float64 always stays on the torch path
+    monkeypatch.setenv("SYNCBN_BACKEND", "torch")
+    assert backend_name(x.cuda() if torch.cuda.is_available() else x) == "torch"
+
+
+def test_import_syncbn_does_not_import_triton():
+    code = "import sys, syncbn; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --- the layer with the kernels forced: SyncBatchNorm (triton) against nn.BatchNorm ---------
+
+
+def _train_two_steps(module, x_steps, dys):
+    outs, grads = [], []
+    for x, dy in zip(x_steps, dys):
+        x = x.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        y.backward(dy)
+        outs.append(y.detach())
+        grads.append((x.grad, module.weight.grad, module.bias.grad))
+    return outs, grads
+
+
+@pytest.mark.parametrize(
+    "shape, memory_format, dtype, momentum",
+    [
+        ((4, 6, 5, 5), None, torch.float32, 0.1),
+        ((4, 6, 5, 5), torch.channels_last, torch.float32, None),  # cumulative average
+        ((3, 5, 2, 3, 4), torch.channels_last_3d, torch.float32, 0.3),
+        ((6, 10), None, torch.float32, 0.1),
+        ((4, 6, 5, 5), torch.channels_last, torch.bfloat16, 0.1),
+    ],
+    ids=["nchw", "nhwc-momentum-none", "ndhwc", "2d", "nhwc-bf16"],
+)
+def test_layer_with_triton_backend(monkeypatch, shape, memory_format, dtype, momentum):
+    import syncbn
+
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    channels = shape[1]
+    bn_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
+    ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(DEVICE)
+    theirs = bn_cls(channels, momentum=momentum).to(DEVICE)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            m.bias.copy_(torch.linspace(-1, 1, channels))
+    xs = [make_input(shape, dtype, memory_format, seed=s) for s in (10, 11)]
+    dys = [randn_like(x, s) for x, s in zip(xs, (20, 21))]
+    if dtype in HALF:  # the reference: float32 BatchNorm on the same (rounded) values
+        y_ours, g_ours = _train_two_steps(ours, xs, dys)
+        y_ref, g_ref = _train_two_steps(theirs, [x.float() for x in xs], [d.float() for d in dys])
+    else:
+        y_ours, g_ours = _train_two_steps(ours, xs, dys)
+        y_ref, g_ref = _train_two_steps(theirs, xs, dys)
+    rtol, atol = OUT_TOL[dtype]
+    for a, b in zip(y_ours, y_ref):
+        torch.testing.assert_close(a.float(), b, rtol=rtol, atol=atol)
+    for (gx, gw, gb), (rx, rw, rb) in zip(g_ours, g_ref):
+        torch.testing.assert_close(gx.float(), rx, rtol=rtol, atol=atol)
+        # weight/bias grads: float32 sums over at most ~150 values.
+        torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-4)
+    # Running statistics: float64 vs float32 statistics of the same values.
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+    assert y_ours[0].is_contiguous(memory_format=memory_format or torch.contiguous_format)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="gloo on CPU tensors; tests/test_cuda.py covers NCCL")
+def test_layer_with_triton_backend_synced_world_of_one(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    import syncbn
+
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ours, theirs = syncbn.SyncBatchNorm(6), nn.BatchNorm2d(6)
+        x = make_input((4, 6, 5, 5), torch.float32, torch.channels_last)
+        dy = randn_like(x, 5)
+        (y_ours,), ((gx, gw, gb),) = _train_two_steps(ours, [x], [dy])
+        (y_ref,), ((rx, rw, rb),) = _train_two_steps(theirs, [x], [dy])
+        # float32 math in another order, as above.
+        torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
