@@ -40,6 +40,25 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view((-1,) + (1,) * (ndim - 2))
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) when ``x`` is laid out that way (and not also contiguous), else contiguous."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def _grad_like(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad_out`` in ``x``'s memory format (one copy when they differ).
+
+    ATen's mixed-precision batch-norm backward accumulates half-precision sums in half
+    precision when the two layouts differ; with matching layouts it accumulates in float32.
+    """
+    fmt = memory_format_of(x)
+    return grad_out if grad_out.is_contiguous(memory_format=fmt) else grad_out.contiguous(memory_format=fmt)
+
+
 def local_stats(x: torch.Tensor) -> torch.Tensor:
     """Per-channel local moments packed for the all-reduce.
 
@@ -68,9 +87,11 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _like(momentum: float | torch.Tensor, buffer: torch.Tensor) -> float | torch.Tensor:
-    """``lerp_`` takes a tensor weight only in the buffer's own dtype."""
-    return momentum.to(buffer.dtype) if isinstance(momentum, torch.Tensor) else momentum
+def _update_running(buffer: torch.Tensor, batch_value: torch.Tensor, momentum: float | torch.Tensor) -> None:
+    """``buffer = (1 - momentum) * buffer + momentum * batch_value``, in float64, rounded once."""
+    if isinstance(momentum, torch.Tensor):
+        momentum = momentum.to(torch.float64)  # lerp takes a tensor weight only in its own dtype
+    buffer.copy_(torch.lerp(buffer.to(torch.float64), batch_value, momentum))
 
 
 def finalize(
@@ -93,10 +114,10 @@ def finalize(
     var = (stats[channels : 2 * channels] / count).sub_(mean * mean).clamp_(min=0.0)
     invstd = (var + eps).rsqrt_()
     if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), _like(momentum, running_mean))
+        _update_running(running_mean, mean, momentum)
     if running_var is not None:
         unbiased = var.mul_(count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), _like(momentum, running_var))
+        _update_running(running_var, unbiased, momentum)
     return mean.to(dtype), invstd.to(dtype)
 
 
@@ -120,6 +141,7 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
+    grad_out = _grad_like(grad_out, x)
     one = torch.ones_like(mean)
     # Eval-mode backward with var = 1, eps = 0: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
     _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
