@@ -45,6 +45,8 @@ def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace,
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
+    # a group of one rank: syncbn with no communication, the local math alone in these conditions
+    alone, _ = dist.new_subgroups(group_size=1)
     rows = []
     for shape in SHAPES:
         channels = shape[1]
@@ -62,11 +64,19 @@ def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace,
         def syncbn_layer():
             syncbn.functional.sync_batch_norm(x, None, None, weight, bias, True).backward(grad)
 
+        def syncbn_unsynced():
+            syncbn.functional.sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(grad)
+
         def collectives():
             dist.all_reduce(stats_buf)
             dist.all_reduce(grad_buf)
 
-        candidates = {"F.batch_norm": f_batch_norm, "syncbn": syncbn_layer, "all_reduce x2": collectives}
+        candidates = {
+            "F.batch_norm": f_batch_norm,
+            "syncbn": syncbn_layer,
+            "syncbn unsynced": syncbn_unsynced,
+            "all_reduce x2": collectives,
+        }
         samples: dict[str, list[float]] = {name: [] for name in candidates}
         for fn in candidates.values():  # warm-up
             for _ in range(args.warmup):
@@ -84,7 +94,8 @@ def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace,
         if rank == 0:
             print(
                 f"{str(shape):<18} F.batch_norm {row['F.batch_norm']:.3f} ms  syncbn {row['syncbn']:.3f} ms "
-                f"({row['syncbn'] / row['F.batch_norm']:.2f}x)  all_reduce x2 {row['all_reduce x2']:.3f} ms",
+                f"({row['syncbn'] / row['F.batch_norm']:.2f}x)  unsynced {row['syncbn unsynced']:.3f} ms  "
+                f"all_reduce x2 {row['all_reduce x2']:.3f} ms",
                 flush=True,
             )
     # Rank 0 and rank 1 each measured; report the slower rank (the step waits for it).

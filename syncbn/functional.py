@@ -79,7 +79,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.sync, ctx.process_group = sync, process_group
         ctx.bias_dtype = None if bias is None else bias.dtype
 
-        stats = ops.local_stats(input)  # float64 [sum, sum of squares, count]
+        stats, scratch = ops.forward_stats(input)  # float64 [sum, sum of squares, count]
         if sync:
             distributed.all_reduce_sum(stats, process_group)
         if local_count <= 1:
@@ -100,7 +100,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         mean, invstd = ops.finalize(
             stats, eps, running_mean, running_var, momentum, stat_dtype(input.dtype)
         )
-        output = ops.normalize(input, mean, invstd, weight, bias)
+        output = ops.normalize(input, mean, invstd, weight, bias, scratch)
         ctx.save_for_backward(input, weight, mean, invstd, stats[-1])
         return output
 

@@ -807,12 +807,18 @@ def _elemt(
     return out
 
 
+def forward_stats(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """``local_stats`` and the (here: no) scratch that ``normalize`` may reuse."""
+    return local_stats(x), None
+
+
 def normalize(
     x: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    scratch: None = None,
 ) -> torch.Tensor:
     """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
     if x.numel() == 0:
