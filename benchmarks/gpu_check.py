@@ -8,7 +8,8 @@ by default), so one hang cannot eat the lease:
 1. device and versions (nvidia-smi, torch, CUDA, Triton, cuDNN);
 2. ``pytest tests/test_cuda.py tests/test_triton_ops.py`` (with CUDA present the kernel tests
    run the compiled kernels on CUDA tensors, not the interpreter);
-3. ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py`` when that file exists;
+3. ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``: the oracle
+   and contract tests on CUDA tensors, 1 to 4 processes sharing the GPU over gloo;
 4. ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s of the budget remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
@@ -163,14 +164,11 @@ def main() -> int:
         "pytest_gpu", pytest_cmd(["tests/test_cuda.py", "tests/test_triton_ops.py"], 150, workers=4),
         min(240, remaining() - 150), log_dir, env,
     ))  # fmt: skip
-    if (REPO / "tests" / "test_layer.py").exists():
-        layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda")
-        steps.append(run_step(
-            "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py"], 120),
-            min(120, remaining() - 120), log_dir, layer_env,
-        ))  # fmt: skip
-    else:
-        steps.append({"name": "pytest_layer_cuda", "status": "SKIP", "seconds": 0, "lines": ["tests/test_layer.py not present"], "log": ""})
+    layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda")
+    steps.append(run_step(
+        "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
+        min(150, remaining() - 120), log_dir, layer_env,
+    ))  # fmt: skip
     if remaining() > 60:
         bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
         if remaining() < 200:
