@@ -10,7 +10,8 @@ by default), so one hang cannot eat the lease:
    run the compiled kernels on CUDA tensors, not the interpreter);
 3. ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``: the oracle
    and contract tests on CUDA tensors, 1 to 4 processes sharing the GPU over gloo;
-4. ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s of the budget remain).
+4. ``benchmarks/host_overhead.py``: host time per call of the layer and its pieces;
+5. ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s of the budget remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
 set, else benchmarks/results/gpu_check); the benchmark's table goes to ``$OUT/results``. The
@@ -168,6 +169,10 @@ def main() -> int:
     steps.append(run_step(
         "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
         min(150, remaining() - 120), log_dir, layer_env,
+    ))  # fmt: skip
+    steps.append(run_step(
+        "host_overhead", [sys.executable, "benchmarks/host_overhead.py", "--out", str(results_dir)],
+        min(90, remaining() - 100), log_dir, env,
     ))  # fmt: skip
     if remaining() > 60:
         bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]

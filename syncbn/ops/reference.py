@@ -11,7 +11,8 @@ elementwise ops with temporaries:
 
 - statistics: ``torch.batch_norm_update_stats`` (two-pass, double accumulation on CPU; about
   3x faster than ``torch.var_mean``);
-- normalize: the eval-mode ``batch_norm`` kernel with the global mean and ``var = 1, eps = 0``
+- normalize: the eval-mode ``batch_norm`` kernel with the global mean and ``var = 1`` (and an
+  ``eps`` too small to change ``1 + eps``)
   so that ``weight * invstd`` is applied exactly once;
 - backward reduction: the eval-mode ``native_batch_norm_backward`` kernel, whose weight and
   bias gradients are exactly ``sum(dy * (x - mean))`` and ``sum(dy)`` when ``invstd`` is 1;
@@ -30,6 +31,10 @@ import torch
 import torch.nn.functional as F
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The eval-mode kernels below run with var = 1 so that their 1/sqrt(var + eps) is exactly 1.
+# F.batch_norm rejects eps = 0 (torch 2.11), so eps is one that 1 + eps rounds away in any
+# floating type (and that is still a normal float32).
+UNIT_EPS = 1e-30
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,9 +107,9 @@ def _pivoted_moments(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     dims = [0, *range(2, x.dim())]
     pivot = x.sum(dims).div_(count)
     one = torch.ones_like(pivot)
-    centred = F.batch_norm(x, pivot, one, None, None, False, 0.0, 0.0)
+    centred = F.batch_norm(x, pivot, one, None, None, False, 0.0, UNIT_EPS)
     _, sum_z2, sum_z = torch.ops.aten.native_batch_norm_backward(
-        centred, centred, one, torch.zeros_like(pivot), one, None, None, False, 0.0, [False, True, True]
+        centred, centred, one, torch.zeros_like(pivot), one, None, None, False, UNIT_EPS, [False, True, True]
     )
     sum_z, sum_z2 = sum_z.to(torch.float64), sum_z2.to(torch.float64)
     mean_z = sum_z / count
@@ -120,16 +125,15 @@ def forward_stats(x: torch.Tensor) -> tuple[torch.Tensor, Centred | None]:
     if count == 0:
         return packed.zero_(), None
     centred = None
-    if x.dtype in HALF_DTYPES:
-        # With float32 running buffers the mixed-dtype kernel returns float32 statistics; the
-        # buffers are scratch (momentum 0 leaves them as they are).
-        scratch_mean = torch.zeros(channels, dtype=torch.float32, device=x.device)
-        scratch_var = torch.ones(channels, dtype=torch.float32, device=x.device)
-        mean, var = torch.batch_norm_update_stats(x, scratch_mean, scratch_var, 0.0)
-    elif _pivot_pays(x):
-        mean, var, centred = _pivoted_moments(x, count)
+    # Half precision: statistics of the float32 upcast (ATen's mixed-precision statistics lose
+    # half-precision digits in some layouts on CUDA); the scratch would be float32, not reused.
+    source = x.float() if x.dtype in HALF_DTYPES else x
+    if _pivot_pays(source):
+        mean, var, centred = _pivoted_moments(source, count)
     else:
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var = torch.batch_norm_update_stats(source, None, None, 0.0)
+    if source is not x:
+        centred = None
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     torch.mul(mean, count, out=packed[:channels])
     torch.addcmul(var, mean, mean, out=packed[channels : 2 * channels]).mul_(count)
@@ -204,8 +208,8 @@ def normalize(
         return torch.addcmul(_channel_view(shift, z.dim()), z, _channel_view(scale, z.dim()), out=z)
     shift = None if bias is None else bias.to(invstd.dtype)
     one = torch.ones_like(invstd)
-    # var = 1, eps = 0: the kernel's own 1/sqrt(var + eps) is exactly 1.
-    return F.batch_norm(x, mean, one, scale, shift, False, 0.0, 0.0)
+    # var = 1: the kernel's own 1/sqrt(var + eps) is exactly 1.
+    return F.batch_norm(x, mean, one, scale, shift, False, 0.0, UNIT_EPS)
 
 
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -215,9 +219,9 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
         return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
     grad_out = _grad_like(grad_out, x)
     one = torch.ones_like(mean)
-    # Eval-mode backward with var = 1, eps = 0: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
+    # Eval-mode backward with var = 1: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
     _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x, one, mean, one, None, None, False, 0.0, [False, True, True]
+        grad_out, x, one, mean, one, None, None, False, UNIT_EPS, [False, True, True]
     )
     return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
 
@@ -251,6 +255,6 @@ def backward_elemt(
     else:
         out_dtype = None
     one = torch.ones_like(mean)
-    grad_in = F.batch_norm(x, mean, one, xmu_coef, const, False, 0.0, 0.0)
+    grad_in = F.batch_norm(x, mean, one, xmu_coef, const, False, 0.0, UNIT_EPS)
     grad_in.addcmul_(grad_out, _channel_view(scale, x.dim()))
     return grad_in if out_dtype is None else grad_in.to(out_dtype)

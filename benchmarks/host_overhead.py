@@ -1,0 +1,127 @@
+"""Host (CPU) time per call of the layer and of each of its pieces: where eager time goes.
+
+    PYTHONPATH=. python benchmarks/host_overhead.py [--out DIR]
+
+On a layer small enough that the device is never the bottleneck, each figure is the host time
+per call (mean over many calls, the clock read before the final synchronize), which is what
+bounds eager speed on small and mid-sized layers. Also a cProfile of the layer's
+forward+backward, top functions by own time. On a GPU the synced path uses a 1-process NCCL
+group with SYNCBN_ALWAYS_SYNC=1; on CPU a 1-process gloo group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import syncbn  # noqa: E402
+from syncbn.ops import backend_for  # noqa: E402
+
+
+def host_us(fn, calls: int = 200, device: torch.device | None = None) -> float:
+    for _ in range(20):
+        fn()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shape", default="8,64,8,8")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
+    tmp = tempfile.mkdtemp()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    channels = shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn_like(x)
+    weight = torch.ones(channels, device=device, requires_grad=True)
+    bias = torch.zeros(channels, device=device, requires_grad=True)
+    running_mean = torch.zeros(channels, device=device)
+    running_var = torch.ones(channels, device=device)
+    ops = backend_for(x)
+
+    def syncbn_fwd():
+        return syncbn.functional.sync_batch_norm(x, running_mean, running_var, weight, bias, True)
+
+    def syncbn_fwd_bwd():
+        torch.autograd.grad(syncbn_fwd(), (x, weight, bias), grad)
+
+    def bn_fwd_bwd():
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True)
+        torch.autograd.grad(y, (x, weight, bias), grad)
+
+    torch_sync = torch.nn.modules._functions.SyncBatchNorm
+
+    def torch_sync_fwd_bwd():
+        y = torch_sync.apply(x, weight, bias, running_mean, running_var, 1e-5, 0.1, dist.group.WORLD, 1)
+        torch.autograd.grad(y, (x, weight, bias), grad)
+
+    xd = x.detach()
+    stats, scratch = ops.forward_stats(xd)
+    mean, invstd = ops.finalize(stats, 1e-5, running_mean, running_var, 0.1, torch.float32)
+    sums = ops.backward_reduce(grad, xd, mean)
+    count = stats[-1]
+    small = torch.ones(2 * channels + 1, device=device, dtype=torch.float64)
+    rows = [
+        ("F.batch_norm fwd+bwd (autograd.grad)", host_us(bn_fwd_bwd, device=device)),
+        # torch's SyncBN Function has no CPU kernels
+        ("torch SyncBN path fwd+bwd", host_us(torch_sync_fwd_bwd, device=device) if cuda else float("nan")),
+        ("syncbn fwd", host_us(syncbn_fwd, device=device)),
+        ("syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
+        ("  ops.forward_stats", host_us(lambda: ops.forward_stats(xd), device=device)),
+        ("  ops.finalize", host_us(lambda: ops.finalize(stats, 1e-5, running_mean, running_var, 0.1, torch.float32), device=device)),
+        ("  ops.normalize", host_us(lambda: ops.normalize(xd, mean, invstd, weight, bias), device=device)),
+        ("  ops.backward_reduce", host_us(lambda: ops.backward_reduce(grad, xd, mean), device=device)),
+        ("  ops.backward_elemt", host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, weight, sums, count), device=device)),
+        ("  dist.all_reduce (2C+1 float64)", host_us(lambda: dist.all_reduce(small), device=device)),
+        ("  one small torch op (mul)", host_us(lambda: small.mul(2.0), device=device)),
+        ("  syncbn.distributed.sync_world_size", host_us(lambda: syncbn.distributed.sync_world_size(None))),
+        ("  check_input", host_us(lambda: syncbn.functional.check_input(x, channels))),
+    ]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200):
+        syncbn_fwd_bwd()
+    profiler.disable()
+    if cuda:
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+
+    header = f"# host time per call, {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
+    table = "\n".join([header] + [f"{name:<45} {us:9.1f} us" for name, us in rows])
+    print(text.getvalue())
+    print(table, flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_overhead.txt").write_text(table + "\n\n" + text.getvalue())
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
