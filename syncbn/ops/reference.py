@@ -219,6 +219,11 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
         return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
     grad_out = _grad_like(grad_out, x)
     one = torch.ones_like(mean)
+    if x.is_cuda:
+        # CUDA's eval-mode native_batch_norm_backward insists on saved statistics; this is the
+        # kernel torch's own SyncBatchNorm uses for the same two sums.
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad_out, x, mean, one, None, True, False, False)
+        return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
     # Eval-mode backward with var = 1: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
     _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, one, mean, one, None, None, False, UNIT_EPS, [False, True, True]
