@@ -221,7 +221,7 @@ def test_eval_without_running_stats_uses_local_batch_statistics():
 
 
 def _case_eval_modes(ctx):
-    layer = syncbn.SyncBatchNorm(3, track_running_stats=False, process_group=ctx.group).eval()
+    layer = syncbn.SyncBatchNorm(3, track_running_stats=False, process_group=ctx.group).to(DEVICE).eval()
     x = _rand((4, 3, 2), ctx.rank)
     with count_collectives() as calls:
         y = layer(x)
@@ -235,12 +235,12 @@ def test_eval_modes_never_communicate(pool):
 
 def _case_weight_grad_only(ctx):
     # input that does not require grad (a first layer): weight/bias grads, no backward collective
-    layer = syncbn.SyncBatchNorm(3, process_group=ctx.group)
+    layer = syncbn.SyncBatchNorm(3, process_group=ctx.group).to(DEVICE)
     x = _rand((4, 3, 5), ctx.rank)
     y = layer(x)
     with count_collectives() as calls:
         (y * torch.arange(5.0)).sum().backward()
-    return calls, layer.weight.grad.clone(), layer.bias.grad.clone(), x
+    return calls, layer.weight.grad.cpu(), layer.bias.grad.cpu(), x.cpu()
 
 
 def test_weight_grad_without_input_grad(pool):

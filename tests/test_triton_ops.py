@@ -142,9 +142,11 @@ def test_ops_match_reference(shape, memory_format, dtype, tiling):
     sums = triton_ops.backward_reduce(dy, x, ref_mean32)
     ref_sums = reference.backward_reduce(dy, x, ref_mean32)
     assert sums.dtype == ref_mean32.dtype and sums.shape == (2 * channels,)
-    _, abs_sums = exact_sums(dy, x, ref_mean32)
-    # float32 sums of products: error a small multiple of eps32 times the sum of |terms|.
-    assert ((sums.double() - ref_sums.double()).abs() <= 1e-5 * abs_sums + 1e-6).all()
+    exact, abs_sums = exact_sums(dy, x, ref_mean32)
+    # float32 sums of products: error a small multiple of eps32 times the sum of |terms|. Each
+    # side against the float64 sums (ATen's CUDA reduction of half inputs is the looser one).
+    assert ((sums.double() - exact).abs() <= 1e-5 * abs_sums + 1e-6).all()
+    assert ((ref_sums.double() - exact).abs() <= 1e-3 * abs_sums + 1e-6).all()
 
     count = ref_stats[-1]
     grad_in = triton_ops.backward_elemt(dy, x, ref_mean32, ref_invstd, weight, ref_sums, count)
