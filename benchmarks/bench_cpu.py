@@ -8,43 +8,33 @@ shape, forward+backward of:
     is at most 1.5x this),
   - ``syncbn.functional.sync_batch_norm`` synced over both ranks (one gloo all-reduce in each
     direction),
-  - the two bare all-reduces alone (2C+1 float64, 2C float32), so the table can split syncbn's
-    time into communication and local math.
+  - the same with a process group of one rank (no communication: the local math alone, under
+    the same conditions),
+  - the two bare all-reduces alone (2C+1 float64, 2C float32).
 Measurements alternate between the candidates round by round so that drift hits all of them
-alike; each figure is the median over rounds of the mean time per call within a round.
+alike; each figure is the median over rounds of the mean time per call within a round, and the
+table reports the slower rank (a synced step waits for it).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import syncbn  # noqa: E402
+from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, write_results  # noqa: E402
+from syncbn.functional import sync_batch_norm  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (256, 512)]
 TARGET = 1.5
 
 
-def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     # a group of one rank: syncbn with no communication, the local math alone in these conditions
     alone, _ = dist.new_subgroups(group_size=1)
     rows = []
@@ -58,38 +48,18 @@ def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace,
         stats_buf = torch.zeros(2 * channels + 1, dtype=torch.float64)
         grad_buf = torch.zeros(2 * channels, dtype=torch.float32)
 
-        def f_batch_norm():
-            F.batch_norm(x, None, None, weight, bias, True).backward(grad)
-
-        def syncbn_layer():
-            syncbn.functional.sync_batch_norm(x, None, None, weight, bias, True).backward(grad)
-
-        def syncbn_unsynced():
-            syncbn.functional.sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(grad)
-
         def collectives():
             dist.all_reduce(stats_buf)
             dist.all_reduce(grad_buf)
 
         candidates = {
-            "F.batch_norm": f_batch_norm,
-            "syncbn": syncbn_layer,
-            "syncbn unsynced": syncbn_unsynced,
+            "F.batch_norm": lambda: F.batch_norm(x, None, None, weight, bias, True).backward(grad),
+            "syncbn": lambda: sync_batch_norm(x, None, None, weight, bias, True).backward(grad),
+            "syncbn unsynced": lambda: sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(grad),
             "all_reduce x2": collectives,
         }
-        samples: dict[str, list[float]] = {name: [] for name in candidates}
-        for fn in candidates.values():  # warm-up
-            for _ in range(args.warmup):
-                fn()
-        for _ in range(args.rounds):
-            for name, fn in candidates.items():
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(args.iters):
-                    fn()
-                samples[name].append((time.perf_counter() - start) / args.iters * 1e3)
-                x.grad = weight.grad = bias.grad = None
-        row = {"shape": list(shape), **{name: statistics.median(v) for name, v in samples.items()}}
+        times = interleaved_medians(candidates, args.rounds, args.iters, args.warmup, barrier=dist.barrier)
+        row = {"shape": list(shape), **times}
         rows.append(row)
         if rank == 0:
             print(
@@ -98,66 +68,39 @@ def _bench_rank(rank: int, world: int, init_file: str, args: argparse.Namespace,
                 f"all_reduce x2 {row['all_reduce x2']:.3f} ms",
                 flush=True,
             )
-    # Rank 0 and rank 1 each measured; report the slower rank (the step waits for it).
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        results["rows"] = [
-            {k: (max(r[k] for r in per_shape) if k != "shape" else per_shape[0][k]) for k in per_shape[0]}
-            for per_shape in zip(*gathered)
-        ]
-    dist.destroy_process_group()
+    return [
+        {k: (max(r[k] for r in per_shape) if k != "shape" else per_shape[0][k]) for k in per_shape[0]}
+        for per_shape in zip(*gathered)
+    ]
 
 
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
-
-
-def write_results(rows: list[dict], out_dir: Path, world: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "machine": _machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "syncbn": syncbn.__version__,
-        "date": datetime.date.today().isoformat(),
-        "world_size": world,
-        "threads_per_rank": 1,
-        "dtype": "float32",
-    }
-    (out_dir / "cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+def report(rows: list[dict], world: int, out_dir: Path) -> None:
+    m = meta(world_size=world, threads_per_rank=1, dtype="float32")
     lines = [
         "# CPU: syncbn at world size 2 (gloo) vs single-process F.batch_norm",
         "",
-        f"Machine: {meta['machine']}. Python {meta['python']}, torch {meta['torch']}, syncbn "
-        f"{meta['syncbn']}, {meta['date']}. Reproduce: `python benchmarks/bench_cpu.py`.",
+        f"{meta_line(m)} Reproduce: `python benchmarks/bench_cpu.py`.",
         "",
         "Forward+backward per layer, float32, one thread per rank, two ranks on this machine's two "
         "cores. `F.batch_norm` runs on each rank's local tensor with no communication; `syncbn` is "
-        "synced over both ranks. `all_reduce x2` is the two bare gloo collectives syncbn makes "
-        "(2C+1 float64 forward, 2C backward), so `syncbn - all_reduce` is the local math. Each "
-        "figure is the slower rank's median.",
+        "synced over both ranks; `syncbn unsynced` is the same call in a group of one rank (the "
+        "local math alone, in the same conditions); `all_reduce x2` is the two bare gloo "
+        "collectives syncbn makes (2C+1 float64 forward, 2C float32 backward). Each figure is the "
+        "slower rank's median.",
         "",
-        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | all_reduce x2 (ms) | local math (ms) | local math / F.batch_norm | target <= 1.5x |",
+        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | syncbn unsynced (ms) | unsynced / F.batch_norm | all_reduce x2 (ms) | target <= 1.5x |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        local = r["syncbn"] - r["all_reduce x2"]
         ratio = r["syncbn"] / r["F.batch_norm"]
         lines.append(
             f"| {tuple(r['shape'])} | {r['F.batch_norm']:.3f} | {r['syncbn']:.3f} | {ratio:.2f}x | "
-            f"{r['all_reduce x2']:.3f} | {local:.3f} | {local / r['F.batch_norm']:.2f}x | "
-            f"{'met' if ratio <= TARGET else 'missed'} |"
+            f"{r['syncbn unsynced']:.3f} | {r['syncbn unsynced'] / r['F.batch_norm']:.2f}x | "
+            f"{r['all_reduce x2']:.3f} | {'met' if ratio <= TARGET else 'missed'} |"
         )
-    (out_dir / "cpu.md").write_text("\n".join(lines) + "\n")
+    write_results("cpu", m, rows, lines, out_dir)
 
 
 def main() -> None:
@@ -165,20 +108,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = mp.get_context("spawn").Manager()
-        results = manager.dict()
-        mp.start_processes(
-            _bench_rank, args=(world, os.path.join(tmp, "init"), args, results), nprocs=world,
-            start_method="spawn",
-        )
-        rows = list(results["rows"])
+    rows = run_world(world, _bench_rank, args)
     if not args.no_write:
-        write_results(rows, args.out, world)
+        report(rows, world, args.out)
         print(f"wrote {args.out / 'cpu.md'}")
 
 
