@@ -1,0 +1,310 @@
+"""Training-step time with three BatchNorm choices: syncbn, torch.nn.SyncBatchNorm, plain BatchNorm.
+
+    python benchmarks/bench_train.py            # GPU: ResNet-50; CPU: a small CNN on 2 gloo ranks
+
+GPU (one device): a ResNet-50 (torchvision's when installed, else the one below, same layers)
+trained with SGD, at batch 64 with bf16 autocast and channels_last, and at batch 32 in float32.
+BatchNorm choices: ``syncbn`` on its synced path (a 1-process NCCL group with
+``SYNCBN_ALWAYS_SYNC=1``, both all-reduces per layer run), torch's SyncBN synced path (its
+autograd Function forced at world size 1, where ``torch.nn.SyncBatchNorm`` itself would skip
+it), and plain ``nn.BatchNorm2d``. Step time: CUDA events around whole steps, median of
+several timed blocks after warm-up.
+
+CPU: a small CNN on 2 gloo processes (one thread each), batch 16 per rank, syncbn against
+local ``nn.BatchNorm2d`` (what synchronization costs on a CPU cluster).
+
+Writes ``benchmarks/results/train-<device>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import syncbn  # noqa: E402
+from benchmarks.common import RESULTS, meta, meta_line, run_world, write_results  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.down = None
+        if stride != 1 or inplanes != out:
+            self.down = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    """torchvision's resnet50 when available, else the same architecture (53 BatchNorm layers)."""
+    try:
+        from torchvision.models import resnet50 as tv_resnet50
+
+        return tv_resnet50(num_classes=num_classes)
+    except Exception:  # torchvision missing or broken
+        pass
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    inplanes = 64
+    for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            layers.append(Bottleneck(inplanes, planes, stride if i == 0 else 1))
+            inplanes = planes * Bottleneck.expansion
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 32, 1), *block(32, 64, 2), *block(64, 64, 1), *block(64, 128, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
+    )  # fmt: skip
+
+
+class TorchSyncPath(nn.modules.batchnorm._BatchNorm):
+    """torch.nn.SyncBatchNorm's synced autograd Function, forced even at world size 1."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        self.load_state_dict(bn.state_dict())
+        self.group = group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        self.num_batches_tracked.add_(1)
+        return torch.nn.modules._functions.SyncBatchNorm.apply(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+            self.momentum, self.group, dist.get_world_size(self.group),
+        )  # fmt: skip
+
+
+def with_bn(model: nn.Module, choice: str, group=None) -> nn.Module:
+    if choice == "syncbn":
+        return syncbn.convert_sync_batchnorm(model, process_group=group)
+    if choice == "torch-syncbn":
+        for name, child in model.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(model, name, TorchSyncPath(child, group))
+            else:
+                with_bn(child, choice, group)
+        return model
+    return model  # plain BatchNorm2d
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: ResNet-50 on one device
+
+
+def gpu_step_time(choice: str, batch: int, bf16: bool, args: argparse.Namespace) -> float:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = with_bn(resnet50(), choice).to(device)
+    fmt = torch.channels_last if bf16 else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.blocks):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / args.steps)
+    return statistics.median(times)
+
+
+def run_gpu(args: argparse.Namespace) -> None:
+    os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
+    tmp = tempfile.mkdtemp()
+    dist.init_process_group("nccl", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+    rows = []
+    for batch, bf16, label in ((64, True, "batch 64, bf16 autocast, channels_last"), (32, False, "batch 32, float32")):
+        row = {"config": label}
+        for choice in ("batchnorm", "syncbn", "torch-syncbn"):
+            row[choice] = gpu_step_time(choice, batch, bf16, args)
+            print(f"{label:<40} {choice:<13} {row[choice]:8.2f} ms/step", flush=True)
+        rows.append(row)
+    dist.destroy_process_group()
+    name = "train-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    m = meta(triton=_triton_version(), cuda=torch.version.cuda)
+    lines = [
+        f"# ResNet-50 training step on {torch.cuda.get_device_name()}",
+        "",
+        f"{meta_line(m)} CUDA {m['cuda']}, Triton {m['triton']}. Reproduce: `python benchmarks/bench_train.py`.",
+        "",
+        "SGD step (forward, backward, optimizer) of a ResNet-50 at 224x224, median ms per step. "
+        "syncbn and torch SyncBN run their synced paths at world size 1 (both collectives per "
+        "layer, NCCL); BatchNorm is plain nn.BatchNorm2d. Targets: syncbn within 5% of "
+        "BatchNorm, and faster than it in bf16.",
+        "",
+        "| config | BatchNorm2d (ms) | syncbn (ms) | torch SyncBN path (ms) | syncbn / BatchNorm | torch SyncBN / BatchNorm |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['config']} | {r['batchnorm']:.2f} | {r['syncbn']:.2f} | {r['torch-syncbn']:.2f} | "
+        f"{r['syncbn'] / r['batchnorm']:.2f}x | {r['torch-syncbn'] / r['batchnorm']:.2f}x |"
+        for r in rows
+    ]
+    lines.append(f"\n![step time]({name}.png)")
+    write_results(name, m, rows, lines, args.out)
+    plot(rows, ("batchnorm", "syncbn", "torch-syncbn"), args.out / f"{name}.png", "ms per step", meta_line(m))
+    print(f"wrote {args.out / (name + '.md')}")
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: a small CNN on 2 gloo ranks
+
+
+def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
+    results = {}
+    for choice in ("batchnorm", "syncbn"):
+        torch.manual_seed(0)
+        model = with_bn(small_cnn(), choice)
+        model = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(args.cpu_batch, 3, 32, 32, generator=gen)
+        target = torch.randint(0, 10, (args.cpu_batch,), generator=gen)
+
+        def step() -> None:
+            loss = F.cross_entropy(model(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.blocks):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times.append((time.perf_counter() - start) / args.steps * 1e3)
+        results[choice] = statistics.median(times)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, results)
+    return {k: max(r[k] for r in everyone) for k in results}
+
+
+def run_cpu(args: argparse.Namespace) -> None:
+    world = 2
+    times = run_world(world, _cpu_rank, args)
+    row = {"config": f"small CNN, 32x32, batch {args.cpu_batch} per rank, {world} gloo ranks", **times}
+    print(f"{row['config']}: BatchNorm2d {times['batchnorm']:.2f} ms, syncbn {times['syncbn']:.2f} ms per step", flush=True)
+    m = meta(world_size=world, threads_per_rank=1)
+    lines = [
+        "# Training step on CPU: syncbn vs local BatchNorm, 2 gloo ranks",
+        "",
+        f"{meta_line(m)} Reproduce: `python benchmarks/bench_train.py --cpu`.",
+        "",
+        "DDP training step (forward, backward with gradient all-reduce, SGD) of a 4-conv CNN "
+        "(4 BatchNorm layers) on 32x32 images; one thread per rank; slower rank's median ms per "
+        "step. syncbn adds two small all-reduces per BatchNorm layer.",
+        "",
+        "| config | BatchNorm2d, local (ms) | syncbn (ms) | syncbn / BatchNorm |",
+        "|---|---|---|---|",
+        f"| {row['config']} | {times['batchnorm']:.2f} | {times['syncbn']:.2f} | {times['syncbn'] / times['batchnorm']:.2f}x |",
+        "",
+        "![step time](train-cpu.png)",
+    ]
+    write_results("train-cpu", m, [row], lines, args.out)
+    plot([row], ("batchnorm", "syncbn"), args.out / "train-cpu.png", "ms per step", meta_line(m))
+    print(f"wrote {args.out / 'train-cpu.md'}")
+
+
+def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(choices)
+    for i, choice in enumerate(choices):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [r[choice] for r in rows], width, label=choice)
+    ax.set_xticks([j + width * (len(choices) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["config"] for r in rows], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="the CPU benchmark even when CUDA is present")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--cpu-batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if torch.cuda.is_available() and not args.cpu:
+        run_gpu(args)
+    else:
+        run_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
