@@ -71,19 +71,17 @@ def info() -> int:
 
     # Which implementation of the local passes a tensor takes (syncbn.ops.backend_name).
     print("layer path  (the local statistics / normalize / backward passes)")
-    cpu = backend_name(torch.empty(0))
-    print(f"            CPU tensor, any dtype: {_describe_path(cpu)}")
-    if torch.cuda.is_available():
-        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            path = backend_name(torch.empty(0, dtype=dtype, device="cuda"))
-            print(f"            CUDA tensor, {str(dtype).removeprefix('torch.')}: {_describe_path(path)}")
-    else:
-        # No CUDA tensor can be made here; the rule of syncbn.ops.backend_name for one:
-        forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-        half = "torch" if forced in ("torch", "reference") or not kernels else "triton"
-        names = "/".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
-        print(f"            CUDA tensor, {names}: {_describe_path(half)} (no CUDA device here)")
-        print(f"            CUDA tensor, float64: {_describe_path('torch')} (no CUDA device here)")
+    half = "/".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
+    for device in ("cpu", "cuda"):
+        for dtypes, example in ((half, torch.float32), ("float64", torch.float64)):
+            if device == "cpu" or torch.cuda.is_available():
+                path, note = backend_name(torch.empty(0, dtype=example, device=device)), ""
+            else:
+                # No CUDA tensor can be made here; syncbn.ops.backend_name's rule for one:
+                forced = os.environ.get(BACKEND_ENV, "").strip().lower() in ("torch", "reference")
+                use_triton = example in TRITON_DTYPES and kernels and not forced
+                path, note = ("triton" if use_triton else "torch"), " (no CUDA device here)"
+            print(f"            {device.upper()} tensor, {dtypes}: {_describe_path(path)}{note}")
     print("            communication: per layer, one all_reduce of 2C+1 float64 values in forward")
     print("            and one of 2C in backward, when the process group has more than one rank")
 

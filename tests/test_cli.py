@@ -24,7 +24,7 @@ def test_info():
     assert f"syncbn      {syncbn.__version__}" in out
     assert f"torch       {torch.__version__}" in out
     assert "gloo: yes" in out
-    assert "CPU tensor, any dtype: torch ops" in out
+    assert "CPU tensor, float64: torch ops" in out
     assert re.search(r"CUDA tensor, float32/float16/bfloat16: (Triton kernels|torch ops)", out), out
 
 
