@@ -1,6 +1,6 @@
 """The launch scripts as users run them: launch/run_cpu.sh (torchrun, gloo), checkpoint and
-resume, plain BatchNorm on the bundled digits. Tiny runs (a few hundred images, 2 processes),
-each under a deadline.
+resume, plain BatchNorm on the bundled digits, and launch/train_accelerate.py through
+``accelerate launch``. Tiny runs (a few hundred images, 2 processes), each under a deadline.
 """
 
 from __future__ import annotations
@@ -77,3 +77,15 @@ def test_local_batchnorm_on_digits():
     assert int(final["n"]) == 359  # every validation image scored once, none twice
     assert float(final["acc"]) > 50  # 2 epochs on digits: far above chance (10%)
 
+
+def test_accelerate_launch_two_cpu_processes():
+    """accelerate launch with launch/accelerate_cpu.yaml: 2 processes on gloo, converted model."""
+    pytest.importorskip("accelerate")
+    result = procs.python(
+        "-m", "accelerate.commands.launch", "--config_file", str(procs.ROOT / "launch" / "accelerate_cpu.yaml"),
+        str(procs.ROOT / "launch" / "train_accelerate.py"), "--max-steps", "4", "--train-size", "256",
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "2 process(es) on cpu (MULTI_CPU), bn sync" in result.stdout
+    assert re.search(r"epoch 1: step 4, train loss [\d.]+, val acc [\d.]+% \(\d+/64\)", result.stdout), result.stdout
