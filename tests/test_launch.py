@@ -70,12 +70,12 @@ def test_killed_run_resumes_exactly(tmp_path):
 def test_local_batchnorm_on_digits():
     """--bn local keeps nn.BatchNorm2d; --data digits reads scikit-learn's bundled images."""
     pytest.importorskip("sklearn")
-    out = _run_cpu("--data", "digits", "--bn", "local", "--epochs", "2", "--width", "8", "--batch-size", "16")
+    out = _run_cpu("--data", "digits", "--bn", "local", "--epochs", "1", "--width", "8", "--batch-size", "16")
     assert "9 x nn.BatchNorm2d (not synchronized)" in out
     assert "1438 train / 359 val images of 1x8x8" in out
     final = _final(out)
     assert int(final["n"]) == 359  # every validation image scored once, none twice
-    assert float(final["acc"]) > 50  # 2 epochs on digits: far above chance (10%)
+    assert float(final["acc"]) > 50  # 1 epoch on digits: far above chance (10%); measured 95%
 
 
 def test_accelerate_launch_two_cpu_processes():
