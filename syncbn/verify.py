@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 
@@ -222,7 +223,8 @@ def _param_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _run_check(check: Check, group, rank: int, world: int, device: torch.device, layer_cls) -> tuple[float, float]:
     """This rank's (max abs error, worst error over tolerance) for one check."""
-    steps, weight, bias = _make_data(check, world, seed=len(check.name) * 7919 + check.channels)
+    # The same seed on every rank (not hash(): string hashes differ between processes).
+    steps, weight, bias = _make_data(check, world, seed=zlib.crc32(check.name.encode()))
     oracle = Oracle(check.ndim, check.channels, momentum=check.momentum, weight=weight, bias=bias)
     layer = layer_cls(check.channels, momentum=check.momentum, process_group=group)
     layer = layer.to(device=device, dtype=_param_dtype(check.dtype))
@@ -475,7 +477,11 @@ def run_local(
         raise SystemExit("syncbn verify: --nproc must be at least 1")
     backend = _resolve_backend(backend)
     if backend == "nccl" and torch.cuda.device_count() < nproc:
-        _print(f"note: {nproc} processes share {torch.cuda.device_count()} GPU(s)")
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected").
+        raise SystemExit(
+            f"syncbn verify: --backend nccl needs a GPU per process: {nproc} processes, "
+            f"{torch.cuda.device_count()} GPU(s) visible"
+        )
     # The parent hosts the rendezvous; port 0 lets the OS pick a free port (no race).
     store = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False,
