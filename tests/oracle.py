@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
-BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+from syncbn.verify import BATCHNORM_BY_NDIM as BN_CLASSES  # noqa: F401 - kept for importers
+from syncbn.verify import Oracle
 MEMORY_FORMATS = {
     None: torch.contiguous_format,
     "channels_last": torch.channels_last,
@@ -98,38 +98,12 @@ def run_oracle(cfg: LayerConfig, data, eval_data) -> dict:
     """Single-process float64 nn.BatchNorm on the concatenated batches, step by step.
 
     Returns ``steps[i]`` with per-rank lists ``y`` and ``dx`` and the global ``dw``, ``db``,
-    ``running_mean``, ``running_var``, ``num_batches_tracked``; and ``eval_y`` per rank.
+    ``running_mean``, ``running_var``, ``num_batches_tracked``; and ``eval_y`` per rank. The
+    oracle itself is the package's (``syncbn.verify.Oracle``, which ``syncbn verify`` runs).
     """
-    ref = BN_CLASSES[cfg.ndim](
-        cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, dtype=torch.float64
+    weight, bias = make_params(cfg) if cfg.affine else (None, None)
+    oracle = Oracle(
+        cfg.ndim, cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, weight, bias
     )
-    if cfg.affine:
-        weight, bias = make_params(cfg)
-        with torch.no_grad():
-            ref.weight.copy_(weight)
-            ref.bias.copy_(bias)
-    steps = []
-    for step in data:
-        sizes = [x.shape[0] for x, _ in step]
-        x = torch.cat([x for x, _ in step]).to(torch.float64).requires_grad_()
-        g = torch.cat([g for _, g in step]).to(torch.float64)
-        y = ref(x)
-        y.backward(g)
-        rec = {
-            "y": list(y.detach().split(sizes)),
-            "dx": list(x.grad.split(sizes)),
-            "dw": ref.weight.grad.clone() if cfg.affine else None,
-            "db": ref.bias.grad.clone() if cfg.affine else None,
-        }
-        if cfg.track_running_stats:
-            rec.update(
-                running_mean=ref.running_mean.clone(),
-                running_var=ref.running_var.clone(),
-                num_batches_tracked=int(ref.num_batches_tracked),
-            )
-        ref.zero_grad()
-        steps.append(rec)
-    ref.eval()
-    with torch.no_grad():
-        eval_y = [ref(x.to(torch.float64)) for x in eval_data]
-    return {"steps": steps, "eval_y": eval_y}
+    steps = [oracle.step([x for x, _ in step], [g for _, g in step]) for step in data]
+    return {"steps": steps, "eval_y": [oracle.eval(x) for x in eval_data]}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train the example ResNet (launch/train.py) on GPUs with NCCL: one node, or many.
+#
+#   bash launch/run_gpu.sh                                   # every GPU of this node
+#   NGPU=4 bash launch/run_gpu.sh --amp bf16 --channels-last # extra arguments go to train.py
+#
+# Several nodes: run the same command on every node, with the address of node 0. The nodes meet
+# through torchrun's c10d rendezvous, hosted by node 0 on MASTER_ADDR:MASTER_PORT.
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 1
+set -euo pipefail
+
+NGPU=${NGPU:-$(python -c "import torch; print(torch.cuda.device_count())")}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-syncbn-train}   # the same on every node of one job, different between jobs
+BACKEND=${BACKEND:-nccl}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$NGPU" -lt 1 ]; then
+    echo "run_gpu.sh: no CUDA device found (set NGPU, or use launch/run_cpu.sh)" >&2
+    exit 1
+fi
+if [ "$NNODES" -eq 1 ]; then
+    RDZV_ENDPOINT=localhost:0   # one node: any free port
+    IS_HOST=1
+else
+    RDZV_ENDPOINT=$MASTER_ADDR:$MASTER_PORT
+    IS_HOST=$([ "$NODE_RANK" -eq 0 ] && echo 1 || echo 0)   # node 0 hosts the rendezvous store
+fi
+
+exec torchrun \
+    --nnodes "$NNODES" \
+    --nproc-per-node "$NGPU" \
+    --rdzv-backend c10d \
+    --rdzv-endpoint "$RDZV_ENDPOINT" \
+    --rdzv-id "$RDZV_ID" \
+    --rdzv-conf "is_host=$IS_HOST" \
+    "$ROOT/launch/train.py" --backend "$BACKEND" "$@"

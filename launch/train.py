@@ -1,0 +1,342 @@
+"""Train a small ResNet on several processes with synchronized BatchNorm: a template to copy.
+
+    bash launch/run_cpu.sh                                        # 2 CPU processes (gloo), ~30 s
+    torchrun --standalone --nproc-per-node 2 launch/train.py      # the same, by hand
+    bash launch/run_gpu.sh --amp bf16 --channels-last             # every GPU of this node (NCCL)
+    python launch/train.py                                        # one process, no torchrun
+
+The syncbn part is one line, marked "syncbn:" below: build the model with ordinary
+nn.BatchNorm2d layers, convert them with ``syncbn.convert_sync_batchnorm`` and only then wrap
+the model in DistributedDataParallel. Every BatchNorm then normalizes over the global batch (all
+ranks' samples), as one process with the whole batch would. The rest is the usual DDP skeleton:
+a DistributedSampler, a loss averaged over the global batch, metrics summed over ranks, rank 0
+alone prints and saves the checkpoint, every rank loads it to resume.
+
+``--bn local`` keeps plain nn.BatchNorm2d (each rank normalizes with its own few samples) to
+show what synchronization buys at a small per-rank batch. ``--data synthetic`` (the default)
+runs anywhere with no download; ``--data digits`` trains on scikit-learn's bundled 8x8 digit
+images (``pip install scikit-learn``, or the ``syncbn[digits]`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+
+import syncbn
+
+
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A Config field that is also a command-line option (--name-with-dashes)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    data: str = option("synthetic", "synthetic: generated 3x16x16 images of 10 classes, no download; "
+                       "digits: scikit-learn's 1797 bundled 8x8 digit images", ("synthetic", "digits"))
+    epochs: int = option(3, "passes over the training set")
+    batch_size: int = option(16, "samples per rank per step (the global batch is this times the world size)")
+    lr: float = option(0.1, "peak SGD learning rate, cosine-decayed to 0 over the run")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    width: int = option(16, "channels of the first stage (doubled at each of the two later stages)")
+    train_size: int = option(4096, "synthetic training images (validation: a quarter as many more)")
+    bn: str = option("sync", "sync: syncbn.SyncBatchNorm over all ranks; local: plain nn.BatchNorm2d per rank", ("sync", "local"))
+    backend: str = option("auto", "auto: nccl with CUDA tensors when CUDA is present, else gloo with CPU tensors", ("auto", "nccl", "gloo"))
+    channels_last: bool = option(False, "train in the channels_last memory format")
+    amp: str = option("none", "bf16: torch.autocast to bfloat16 (CPU and GPU); parameters stay float32", ("none", "bf16"))
+    ckpt: str = option("", "checkpoint file, written by rank 0 after every epoch")
+    resume: bool = option(False, "continue from --ckpt if that file exists (a requeued job can always pass it)")
+    seed: int = option(0, "seed of the data, the initial weights and the shuffling")
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description="Train a small ResNet with synchronized BatchNorm (see the top of this file).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: a ResNet with three stages of one BasicBlock each (8 conv layers, 9 BatchNorm layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection (He et al., 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:  # match the shape of the residual branch
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stages = nn.Sequential(
+            BasicBlock(width, width, 1),
+            BasicBlock(width, 2 * width, 2),
+            BasicBlock(2 * width, 4 * width, 2),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: built identically on every rank (seeded); the sampler gives each rank its share
+
+
+def synthetic_dataset(n: int, seed: int, num_classes: int = 10, size: int = 16) -> TensorDataset:
+    """Noisy, shifted, re-lit copies of one smooth random colour pattern per class."""
+    gen = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=gen), size=size, mode="bilinear")
+    labels = torch.randint(num_classes, (n,), generator=gen)
+    images = templates[labels]
+    shifts = torch.randint(-3, 4, (n, 2), generator=gen)
+    images = torch.stack([img.roll(tuple(s.tolist()), dims=(1, 2)) for img, s in zip(images, shifts)])
+    contrast = torch.rand(n, 1, 1, 1, generator=gen) * 1.5 + 0.25
+    brightness = torch.randn(n, 3, 1, 1, generator=gen) * 0.5
+    images = images * contrast + brightness + torch.randn(images.shape, generator=gen)
+    return TensorDataset(images, labels)
+
+
+def digits_dataset() -> TensorDataset:
+    """scikit-learn's 8x8 digits (1797 images, values 0..16), as (N, 1, 8, 8) floats."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        sys.exit("--data digits needs scikit-learn: pip install scikit-learn (or syncbn[digits])")
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
+    return TensorDataset((images - 4.9) / 6.0, torch.tensor(digits.target))  # about zero mean, unit std
+
+
+def build_datasets(cfg: Config) -> tuple[TensorDataset, TensorDataset, int, int]:
+    """(train, validation, input channels, classes)."""
+    if cfg.data == "digits":
+        full = digits_dataset()
+        order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed))
+        n_val = len(full) // 5
+        images, labels = full.tensors
+        val = TensorDataset(images[order[:n_val]], labels[order[:n_val]])
+        train = TensorDataset(images[order[n_val:]], labels[order[n_val:]])
+        return train, val, 1, 10
+    full = synthetic_dataset(cfg.train_size + cfg.train_size // 4, seed=cfg.seed)
+    images, labels = full.tensors
+    train = TensorDataset(images[: cfg.train_size], labels[: cfg.train_size])
+    val = TensorDataset(images[cfg.train_size :], labels[cfg.train_size :])
+    return train, val, 3, 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class Progress:
+    """Rank 0's one-line progress bar: redrawn in place on a terminal; in a log file, one line
+    every 10 s at most (short epochs print nothing until their summary)."""
+
+    def __init__(self, total: int, prefix: str, enabled: bool) -> None:
+        self.total, self.prefix, self.enabled = total, prefix, enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, status) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < (0.2 if self.tty else 10.0) or (done == self.total and not self.tty):
+            return  # (a log file gets the epoch's summary line right after its last step)
+        self.last = now
+        filled = 30 * done // self.total
+        line = f"{self.prefix} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {status()}"
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print("\r\033[K", end="", flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, device, memory_format, autocast) -> tuple[float, float, int]:
+    """Mean loss and accuracy over the whole validation set (each rank scores its share).
+
+    ``model`` is the bare model, not the DDP wrapper: DDP's forward would broadcast buffers (a
+    collective), and ranks with a different number of validation batches would then wait on each
+    other. In eval mode the BatchNorm layers use their running statistics, so no communication
+    is needed at all.
+    """
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for x, y in DataLoader(dataset, batch_size=256):
+        x, y = x.to(device, memory_format=memory_format), y.to(device)
+        with autocast:
+            logits = model(x)
+        totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return loss_sum / count, correct / count, int(count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def main(cfg: Config) -> None:
+    # Distributed setup. torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; without
+    # it this is a single process and the BatchNorm layers are plain BatchNorm.
+    distributed = "RANK" in os.environ
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local_rank, world = 0, 0, 1
+    if distributed:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if distributed:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    master = rank == 0  # rank 0 alone prints and writes the checkpoint
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+
+    # Data: each rank sees a different 1/world of the shuffled training set every epoch.
+    train_set, val_set, in_channels, num_classes = build_datasets(cfg)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    val_share = Subset(val_set, range(rank, len(val_set), world))  # every sample scored exactly once
+    if len(loader) == 0:
+        sys.exit(f"--batch-size {cfg.batch_size} is larger than a rank's share of {len(train_set)} images")
+
+    # Model, optimizer, schedule.
+    model = ResNet(in_channels, num_classes, cfg.width)
+    if cfg.bn == "sync":
+        model = syncbn.convert_sync_batchnorm(model)  # syncbn: every BatchNorm2d -> syncbn.SyncBatchNorm
+    model = model.to(device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    total_steps = cfg.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+    start_epoch = 0
+    if cfg.resume and cfg.ckpt and os.path.exists(cfg.ckpt):
+        ckpt = torch.load(cfg.ckpt, map_location=device, weights_only=True)  # every rank loads it
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = ckpt["epoch"]
+        if master:
+            print(f"resumed from {cfg.ckpt}: {start_epoch} epoch(s) done")
+    elif cfg.resume and master:
+        print(f"--resume: no checkpoint at {cfg.ckpt or '(no --ckpt given)'}, starting from scratch")
+
+    raw_model = model
+    if distributed:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    if master:
+        n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw_model.modules())
+        bn_kind = "syncbn.SyncBatchNorm" if cfg.bn == "sync" else "nn.BatchNorm2d (not synchronized)"
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        shape = "x".join(map(str, train_set.tensors[0].shape[1:]))
+        print(f"{world} process(es), backend {backend if distributed else 'none'}, {device.type} tensors, "
+              f"amp {cfg.amp}, {'channels_last' if cfg.channels_last else 'contiguous'}")
+        print(f"model: ResNet, {n_params / 1e3:.0f}k parameters, {n_bn} x {bn_kind}")
+        print(f"data: {cfg.data}, {len(train_set)} train / {len(val_set)} val images of {shape}, batch "
+              f"{cfg.batch_size} per rank ({cfg.batch_size * world} global), {len(loader)} steps per epoch")
+
+    images_per_s = []
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
+        model.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        progress = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", master)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)  # mean over this rank's batch; DDP averages over ranks
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                totals += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
+            progress.update(step + 1, lambda: f"loss {loss.item():.3f}")
+        progress.close()
+        loss_sum, correct, count = all_reduce_sum(totals).tolist()  # waits for every rank's last step
+        elapsed = time.perf_counter() - start
+        images_per_s.append(count / elapsed)
+        val_loss, val_acc, n_val = evaluate(raw_model, val_share, device, memory_format, autocast)
+        if master and cfg.ckpt:
+            # The bare model's state_dict: its keys are those of the plain model (SyncBatchNorm
+            # has BatchNorm2d's keys), so the checkpoint also loads without syncbn or DDP.
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": dataclasses.asdict(cfg)}
+            torch.save(state, cfg.ckpt + ".tmp")
+            os.replace(cfg.ckpt + ".tmp", cfg.ckpt)  # never leave a half-written checkpoint
+        if master:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss_sum / count:.3f} acc {100 * correct / count:5.1f}%  "
+                  f"|  val loss {val_loss:.3f} acc {100 * val_acc:5.1f}%  |  {count / elapsed:,.0f} images/s  {elapsed:.1f} s",
+                  flush=True)
+
+    if not images_per_s:  # resumed after the last epoch: nothing trained, report the checkpoint
+        val_loss, val_acc, n_val = evaluate(raw_model, val_share, device, memory_format, autocast)
+    if master:
+        speed = f", {sum(images_per_s) / len(images_per_s):,.0f} train images/s" if images_per_s else ""
+        saved = f"; checkpoint {cfg.ckpt}" if cfg.ckpt else ""
+        print(f"final: val acc {100 * val_acc:.1f}% ({round(val_acc * n_val)}/{n_val}), val loss {val_loss:.3f} "
+              f"after {cfg.epochs} epochs{speed} (bn {cfg.bn}){saved}", flush=True)
+    if distributed:
+        # Drop the DDP wrapper (its reducer holds gloo work objects) before the process group:
+        # in the other order, torch 2.13 with gloo sometimes aborts the process at exit.
+        del model
+        gc.collect()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -1,0 +1,132 @@
+"""The ``syncbn`` command (also ``python -m syncbn``).
+
+    syncbn info                          # versions, backends, CUDA and Triton, the path a tensor takes
+    syncbn verify                        # 2 local processes (gloo): syncbn against the oracle
+    syncbn verify --nproc 8 --backend nccl
+    torchrun --nproc-per-node 8 -m syncbn verify     # or join the world torchrun set up
+
+``verify`` is the command to run first on a new machine or cluster: it prints a PASS/FAIL table
+and exits non-zero on any failure, on a rank that crashes, and on a hang (``--timeout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def info() -> int:
+    """Print what a bug report needs: versions, backends, devices, and the layer's code path."""
+    import torch
+    import torch.distributed as dist
+
+    import syncbn
+    from syncbn.ops import BACKEND_ENV, TRITON_DTYPES, backend_name, triton_backend
+
+    print(f"syncbn      {syncbn.__version__}  ({os.path.dirname(syncbn.__file__)})")
+    print(f"python      {platform.python_version()}  ({platform.platform()})")
+    print(f"torch       {torch.__version__}  (CUDA build: {torch.version.cuda or 'no'})")
+
+    # Triton: importable at all, and whether syncbn's kernels load with it.
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError as exc:
+        triton_version = f"not importable ({exc})"
+    kernels = triton_backend() is not None
+    interpret = os.environ.get("TRITON_INTERPRET", "")
+    print(f"triton      {triton_version}; syncbn kernels load: {_yes(kernels)}"
+          + (f"; TRITON_INTERPRET={interpret}" if interpret else ""))
+
+    # torch.distributed and its backends.
+    if not dist.is_available():
+        print("distributed not available in this torch build")
+    else:
+        backends = {
+            "gloo": dist.is_gloo_available(),
+            "nccl": dist.is_nccl_available(),
+            "mpi": dist.is_mpi_available(),
+            "ucc": getattr(dist, "is_ucc_available", lambda: False)(),
+        }
+        print("distributed " + ", ".join(f"{name}: {_yes(ok)}" for name, ok in backends.items()))
+        if backends["nccl"] and torch.cuda.is_available():
+            print(f"            NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
+
+    # CUDA devices.
+    if torch.cuda.is_available():
+        print(f"cuda        {torch.cuda.device_count()} device(s)")
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(f"            cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
+                  f"{props.total_memory / 2**30:.0f} GiB")
+    else:
+        print("cuda        not available")
+
+    # Which implementation of the local passes a tensor takes (syncbn.ops.backend_name).
+    print("layer path  (the local statistics / normalize / backward passes)")
+    half = "/".join(str(d).removeprefix("torch.") for d in TRITON_DTYPES)
+    for device in ("cpu", "cuda"):
+        for dtypes, example in ((half, torch.float32), ("float64", torch.float64)):
+            if device == "cpu" or torch.cuda.is_available():
+                path, note = backend_name(torch.empty(0, dtype=example, device=device)), ""
+            else:
+                # No CUDA tensor can be made here; syncbn.ops.backend_name's rule for one:
+                forced = os.environ.get(BACKEND_ENV, "").strip().lower() in ("torch", "reference")
+                use_triton = example in TRITON_DTYPES and kernels and not forced
+                path, note = ("triton" if use_triton else "torch"), " (no CUDA device here)"
+            print(f"            {device.upper()} tensor, {dtypes}: {_describe_path(path)}{note}")
+    print("            communication: per layer, one all_reduce of 2C+1 float64 values in forward")
+    print("            and one of 2C in backward, when the process group has more than one rank")
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("SYNCBN_")}
+    print("environment " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no SYNCBN_* variables set"))
+    return 0
+
+
+def _describe_path(name: str) -> str:
+    return {"triton": "Triton kernels (syncbn.ops.triton)", "torch": "torch ops (syncbn.ops.reference)"}[name]
+
+
+def verify(nproc: int | None, backend: str, timeout: float) -> int:
+    from syncbn import verify as verify_mod
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        # Started by torchrun (or another launcher): join that world instead of spawning one.
+        return verify_mod.run_in_world(backend, timeout)
+    return verify_mod.run_local(2 if nproc is None else nproc, backend, timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="syncbn", description="Synchronized BatchNorm for PyTorch: environment report and self-test."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("info", help="print versions, backends, CUDA/Triton status and the layer's code path")
+    p = commands.add_parser(
+        "verify",
+        help="check syncbn against the single-process BatchNorm oracle on N processes",
+        description="Run syncbn.SyncBatchNorm on N processes with uneven and empty per-rank batches "
+        "of several shapes and dtypes, compare with single-process float64 nn.BatchNorm on the "
+        "concatenated batch, print a PASS/FAIL table. Exit code 0 only if every check passed. "
+        "Under torchrun (RANK and WORLD_SIZE set) it joins that world instead of starting processes.",
+    )
+    p.add_argument("--nproc", type=int, default=None, help="processes to start (default 2; ignored under torchrun)")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="auto: nccl with CUDA tensors when CUDA is available, else gloo with CPU tensors")
+    p.add_argument("--timeout", type=float, default=180.0,
+                   help="seconds before a hung run is stopped and reported as FAIL (default 180)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    return verify(args.nproc, args.backend, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
