@@ -165,14 +165,17 @@ def _match_in_frame(frame, layer: torch.nn.Module) -> tuple[torch.nn.Module, str
         local_vars = list(frame.f_locals.items())
     except Exception:  # a frame whose locals cannot be read
         return None
-    for var, value in local_vars:
-        for label, module in _module_candidates(var, value):
-            if module is layer and label == "self":
-                continue  # the layer's own forward: says nothing about where it sits
-            if module is layer:
-                return module, label  # the layer itself in a variable: named after it
-            if any(m is layer for m in module.modules()):
-                return module, ""  # a model holding it: paths from the model's root
+    try:
+        for var, value in local_vars:
+            for label, module in _module_candidates(var, value):
+                if module is layer and label == "self":
+                    continue  # the layer's own forward: says nothing about where it sits
+                if module is layer:
+                    return module, label  # the layer itself in a variable: named after it
+                if any(m is layer for m in module.modules()):
+                    return module, ""  # a model holding it: paths from the model's root
+    except Exception:  # an exotic object on the stack: a name is not worth an error
+        return None
     return None
 
 
