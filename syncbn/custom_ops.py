@@ -61,54 +61,65 @@ def _forward_op(
     bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
     momentum_tensor: torch.Tensor | None,
     momentum: float,
+    cumulative: bool,
     eps: float,
     group_name: str,
     sync: bool,
     name: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(output, mean, invstd, count, new_running_mean, new_running_var)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output, mean, invstd, count, new_running_mean, new_running_var, new_num_batches_tracked)``.
 
     Functional (an op with an autograd formula may not mutate its inputs): the updated running
-    statistics come back as new tensors, empty when there are none, and the caller copies them
-    into the buffers. ``mean`` and ``invstd`` are zeros when nothing was normalized.
+    statistics and batch counter come back as new tensors, empty when there are none, and the
+    caller copies them into the buffers. The counter is counted here, not in traced code, so
+    that a recomputation in backward (activation checkpointing around compiled code) changes
+    none of them; ``cumulative`` (momentum=None) takes the momentum from the counter.
+    ``mean`` and ``invstd`` are zeros when nothing was normalized.
     """
+    recomputed = in_backward_pass()
     new_mean = running_mean.clone() if running_mean is not None else None
     new_var = running_var.clone() if running_var is not None else None
-    if in_backward_pass():
-        # A recomputation in backward (activation checkpointing around compiled code).
-        update_mean = update_var = None
-    else:
-        update_mean, update_var = new_mean, new_var
+    new_count = num_batches_tracked.clone() if num_batches_tracked is not None else None
+    weight_of_new: float | torch.Tensor = momentum if momentum_tensor is None else momentum_tensor
+    if new_count is not None and not recomputed:
+        new_count.add_(1)
+        if cumulative:
+            weight_of_new = new_count.double().reciprocal()
     output, mean, invstd, count = forward_pass(
-        input, weight, bias, update_mean, update_var,
-        momentum if momentum_tensor is None else momentum_tensor,
-        eps, _resolve_group(group_name), sync, name,
+        input, weight, bias, None if recomputed else new_mean, None if recomputed else new_var,
+        weight_of_new, eps, _resolve_group(group_name), sync, name,
     )  # fmt: skip
     none = input.new_empty((0,))
-    new_mean = none if new_mean is None else new_mean
-    new_var = none.clone() if new_var is None else new_var
+    buffers = tuple(none.clone() if t is None else t for t in (new_mean, new_var, new_count))
     if mean is None:  # no channels, or no sample in the whole group
         channels = input.shape[1]
         zeros = input.new_zeros((channels,), dtype=stat_dtype(input.dtype))
-        return output, zeros, zeros.clone(), input.new_zeros((), dtype=torch.float64), new_mean, new_var
+        return (output, zeros, zeros.clone(), input.new_zeros((), dtype=torch.float64), *buffers)
     if mean.untyped_storage().data_ptr() == invstd.untyped_storage().data_ptr():
         invstd = invstd.clone()  # outputs must not share storage (Triton's finalize packs them)
-    return _like_input(output, input), mean, invstd, count.clone(), new_mean, new_var
+    return (_like_input(output, input), mean, invstd, count.clone(), *buffers)
 
 
 @_forward_op.register_fake
-def _forward_fake(input, weight, bias, running_mean, running_var, momentum_tensor, momentum, eps, group_name, sync, name):
+def _forward_fake(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor, momentum,
+    cumulative, eps, group_name, sync, name,
+):  # fmt: skip
     channels = input.shape[1]
     dtype = stat_dtype(input.dtype)
+    buffers = tuple(
+        torch.empty_like(t) if t is not None else input.new_empty((0,))
+        for t in (running_mean, running_var, num_batches_tracked)
+    )
     return (
         torch.empty_like(input),
         input.new_empty((channels,), dtype=dtype),
         input.new_empty((channels,), dtype=dtype),
         input.new_empty((), dtype=torch.float64),
-        torch.empty_like(running_mean) if running_mean is not None else input.new_empty((0,)),
-        torch.empty_like(running_var) if running_var is not None else input.new_empty((0,)),
+        *buffers,
     )
 
 
@@ -163,12 +174,12 @@ def _backward_fake(grad_output, input, weight, mean, invstd, count, group_name, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, _, _, _, _, _, group_name, sync, name = inputs
-    _, mean, invstd, count, new_mean, new_var = output
+    input, weight, bias, *_, group_name, sync, name = inputs
+    _, mean, invstd, count, *buffers = output
     ctx.save_for_backward(input, weight, mean, invstd, count)
     ctx.group_name, ctx.sync, ctx.name = group_name, sync, name
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(mean, invstd, count, new_mean, new_var)
+    ctx.mark_non_differentiable(mean, invstd, count, *buffers)
 
 
 def _backward(ctx, grad_output, *_grads_of_non_differentiable):
@@ -182,8 +193,8 @@ def _backward(ctx, grad_output, *_grads_of_non_differentiable):
         grad_input if need_input else None,
         grad_weight if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
-        None, None, None, None, None, None, None, None,
-    )  # fmt: skip
+        *(None,) * 10,
+    )
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -200,18 +211,23 @@ def sync_batch_norm_op(
     process_group: dist.ProcessGroup | None,
     sync: bool,
     name: str = "",
+    num_batches_tracked: torch.Tensor | None = None,
+    cumulative: bool = False,
 ) -> torch.Tensor:
-    """The training-mode layer through ``torch.ops.syncbn.forward`` (what compiled code calls)."""
+    """The training-mode layer through ``torch.ops.syncbn.forward`` (what compiled code calls).
+
+    With ``num_batches_tracked`` the op counts the batch (the module's bookkeeping, done here
+    rather than in traced code); ``cumulative`` is ``momentum=None``.
+    """
     momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
     momentum_float = 0.0 if momentum_tensor is not None else float(momentum)
     group_name = process_group.group_name if (sync and process_group is not None) else ""
-    output, _, _, _, new_mean, new_var = _forward_op(
-        input, weight, bias, running_mean, running_var, momentum_tensor, momentum_float, float(eps),
-        group_name, sync, name,
+    output, _, _, _, *new_buffers = _forward_op(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor,
+        momentum_float, cumulative, float(eps), group_name, sync, name,
     )  # fmt: skip
     with torch.no_grad():
-        if running_mean is not None:
-            running_mean.copy_(new_mean)
-        if running_var is not None:
-            running_var.copy_(new_var)
+        for buffer, new in zip((running_mean, running_var, num_batches_tracked), new_buffers):
+            if buffer is not None:
+                buffer.copy_(new)
     return output

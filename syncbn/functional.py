@@ -303,14 +303,21 @@ def _training_forward(
     eps: float,
     process_group: dist.ProcessGroup | None,
     layer: torch.nn.Module | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    cumulative: bool = False,
 ) -> torch.Tensor:
-    """Training mode, input checked: the autograd Function in eager, the custom ops when compiling."""
+    """Training mode, input checked: the autograd Function in eager, the custom ops when compiling.
+
+    ``num_batches_tracked`` (compiling only) is counted inside the op, ``cumulative`` meaning
+    momentum=None; in eager mode the module counts it before calling.
+    """
     sync = distributed.sync_world_size(process_group) > 0
     if torch.compiler.is_compiling():
         name = "" if layer is None else (layer._syncbn_name or "")
         return custom_ops.sync_batch_norm_op(
-            input, weight, bias, running_mean, running_var, momentum, eps, process_group, sync, name
-        )
+            input, weight, bias, running_mean, running_var, momentum, eps, process_group, sync, name,
+            num_batches_tracked, cumulative,
+        )  # fmt: skip
     return SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, momentum, eps, process_group, sync, layer
     )

@@ -79,13 +79,16 @@ class SyncBatchNorm(_BatchNorm):
 
         # A training forward recomputed during backward (activation checkpointing) is the same
         # batch again: it normalizes and synchronizes, but counts no batch and leaves the
-        # running statistics alone. (Under torch.compile the compiler does the recomputing.)
-        recomputed = self.training and not torch.compiler.is_compiling() and in_backward_pass()
+        # running statistics alone. Under torch.compile the custom op applies that rule and
+        # counts the batch itself (traced code would count a recomputation again).
+        compiling = torch.compiler.is_compiling()
+        recomputed = self.training and not compiling and in_backward_pass()
 
         # Exactly nn.BatchNorm's bookkeeping, except that the cumulative-average factor of
         # momentum=None stays a device tensor instead of being read back to the host.
         momentum: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputed:
+        counted = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counted and not recomputed and not compiling:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = self.num_batches_tracked.double().reciprocal()
@@ -112,6 +115,8 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
             self.process_group,
             self,
+            self.num_batches_tracked if counted and compiling else None,
+            self.momentum is None,
         )
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
