@@ -139,3 +139,36 @@ def test_compiled_debug_check_raises_on_every_rank(pool):
     for message in pool.run(_case_compiled_debug_mismatch, group="w2", timeout=240):
         assert "syncbn (SYNCBN_DEBUG=1)" in message and "differing: channels" in message, message
         assert "layer '0'" in message  # the name recorded by convert_sync_batchnorm
+
+
+def _case_compiled_checkpoint(ctx, where, batches):
+    from torch.utils.checkpoint import checkpoint
+
+    eager = _conv_net(ctx.group)
+    model = copy.deepcopy(eager)
+    stem, block = model[:3], model[3:]
+    if where == "inside":  # checkpoint traced by the compiler: it decides what to recompute
+        compiled = torch.compile(lambda x: block(checkpoint(stem, x, use_reentrant=False)), backend="aot_eager", fullgraph=True)
+    else:  # eager checkpoint around a compiled block: the compiled op reruns in backward
+        compiled_stem = torch.compile(stem, backend="aot_eager", fullgraph=True)
+        compiled = lambda x: block(checkpoint(compiled_stem, x, use_reentrant=False))  # noqa: E731
+    out = []
+    for x, w in batches:
+        for fn in (compiled, eager):
+            (fn(x) * w).sum().backward()
+        out.append((
+            {k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in eager.state_dict().items()},
+            {k: p.grad.clone() for k, p in model.named_parameters()}, {k: p.grad.clone() for k, p in eager.named_parameters()},
+        ))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_compile_with_checkpointing_updates_statistics_once(pool, where):
+    per_rank = [_batches("conv", [3, 2], 2, r) for r in range(2)]
+    for records in pool.run(_case_compiled_checkpoint, group="w2", args=(where,), per_rank_args=per_rank, timeout=240):
+        for state_c, state_e, grads_c, grads_e in records:
+            for k in state_e:  # running statistics and num_batches_tracked (a momentum=None layer)
+                torch.testing.assert_close(state_c[k], state_e[k], **TOL, msg=k)
+            for k in grads_e:  # accumulated over the steps (no optimizer)
+                torch.testing.assert_close(grads_c[k], grads_e[k], **TOL, msg=k)
