@@ -9,11 +9,11 @@ data-dependent parts: the global-count rule reads the count back to the host on 
 at most one sample, ``SYNCBN_DEBUG`` compares descriptors on the host, and the Triton
 launchers pick configurations in Python. A graph break there is an error under
 ``fullgraph=True``. As custom ops, each pass is one opaque node: the compiler sees its
-shapes (``register_fake``) and its backward (``register_autograd``), the running statistics are
-copied into the buffers right after it (an op with an autograd formula must be functional),
-and it runs the same code as eager mode inside, whichever
-backend (``syncbn.ops.backend_for``) the tensors take, so compiled and eager results are the
-same to the bit.
+shapes (``register_fake``) and its backward (``register_autograd``); the running statistics and
+``num_batches_tracked`` come back as outputs that are copied into the buffers right after it
+(an op with an autograd formula must be functional); and inside it runs the same code as
+eager mode, whichever backend (``syncbn.ops.backend_for``) the tensors take, so the layer
+computes in compiled code exactly what it computes in eager mode.
 
 Why only under compile. The dispatcher costs tens of microseconds per call on the host, more
 than the whole layer on small CPU tensors, so eager mode keeps the autograd Function
