@@ -94,14 +94,16 @@ def make_eval_data(cfg: LayerConfig, world: int) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=gen, dtype=torch.float64).to(cfg.torch_dtype) for _ in range(world)]
 
 
-def run_oracle(cfg: LayerConfig, data, eval_data) -> dict:
+def run_oracle(cfg: LayerConfig, data, eval_data, dtype: torch.dtype = torch.float64) -> dict:
     """Single-process float64 nn.BatchNorm on the concatenated batches, step by step.
 
     Returns ``steps[i]`` with per-rank lists ``y`` and ``dx`` and the global ``dw``, ``db``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``; and ``eval_y`` per rank.
+    ``dtype=torch.float32`` gives instead what nn.BatchNorm achieves in single precision on the
+    same values: the measure of how well conditioned a case is (tests/test_soak.py).
     """
     ref = BN_CLASSES[cfg.ndim](
-        cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, dtype=torch.float64
+        cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, dtype=dtype
     )
     if cfg.affine:
         weight, bias = make_params(cfg)
@@ -111,8 +113,8 @@ def run_oracle(cfg: LayerConfig, data, eval_data) -> dict:
     steps = []
     for step in data:
         sizes = [x.shape[0] for x, _ in step]
-        x = torch.cat([x for x, _ in step]).to(torch.float64).requires_grad_()
-        g = torch.cat([g for _, g in step]).to(torch.float64)
+        x = torch.cat([x for x, _ in step]).to(dtype).requires_grad_()
+        g = torch.cat([g for _, g in step]).to(dtype)
         y = ref(x)
         y.backward(g)
         rec = {
@@ -131,5 +133,5 @@ def run_oracle(cfg: LayerConfig, data, eval_data) -> dict:
         steps.append(rec)
     ref.eval()
     with torch.no_grad():
-        eval_y = [ref(x.to(torch.float64)) for x in eval_data]
+        eval_y = [ref(x.to(dtype)) for x in eval_data]
     return {"steps": steps, "eval_y": eval_y}

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import syncbn
-from tests.oracle import LayerConfig, make_data, make_eval_data, run_oracle
+from tests.oracle import LayerConfig, make_data, make_eval_data, make_params, run_oracle
 from tests.test_layer import PARAM_TOLERANCE, TOLERANCES, _case_train
 
 pytestmark = pytest.mark.soak
@@ -113,19 +113,62 @@ def _case_soak(ctx, cfg, env, kind, rank_data):
         return {"shape": tuple(y.shape), "stats": stats}
 
 
-def _compare(cfg: LayerConfig, expected: dict, results: list) -> list[str]:
+# Float32 arithmetic (every dtype but float64 computes in it) and the safety factor of the
+# conditioning allowance below.
+EPS = {"float64": 2.0**-52}
+EPS32 = 2.0**-23
+K = 8
+
+
+def _conditioning(cfg: LayerConfig, step: list, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per-channel allowances for rounding that no implementation in the dtype can avoid.
+
+    A channel whose few values sit close together far from zero is ill-conditioned: rounding
+    the mean to the compute precision moves every ``x - mean`` by ``eps * |mean|``, that is by
+    ``kappa = eps * (|mean| + spread) * invstd`` standard deviations, and the input gradient
+    carries another ``invstd``. With two or three values per channel a random batch hits this
+    often (float32 ``nn.BatchNorm`` is off by as much there), so the fixed tolerances of
+    tests/test_layer.py, made for well-spread data, get these per-channel terms added:
+    output ``K eps |w| kappa``, input gradient ``K eps |w| invstd kappa max|dy|``, weight
+    gradient ``K eps kappa sum|dy|``.
+    """
+    eps = EPS.get(cfg.dtype, EPS32)
+    x = torch.cat([x for x, _ in step]).double()
+    g = torch.cat([g for _, g in step]).double()
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dims, correction=0)
+    invstd = (var + cfg.eps).rsqrt()
+    spread = (x - mean.view((1, -1) + (1,) * (x.dim() - 2))).abs().amax(dims)
+    kappa = eps * (mean.abs() + spread) * invstd
+    w = weight.double().abs() if weight is not None else torch.ones_like(mean)
+    return {
+        "y": K * w * kappa,
+        "dx": K * w * invstd * kappa * g.abs().amax(dims),
+        "dw": K * kappa * g.abs().sum(dims),
+    }
+
+
+def _compare(cfg: LayerConfig, data: list, expected: dict, results: list) -> list[str]:
     """Mismatches between the ranks' results and the oracle, as short messages."""
     problems = []
     atol, rtol = TOLERANCES[cfg.dtype]
     patol, prtol = PARAM_TOLERANCE[cfg.dtype]
+    weight = make_params(cfg)[0] if cfg.affine else None
 
-    def close(got, want, a, r, what):
-        try:
-            torch.testing.assert_close(got.double(), want, atol=a, rtol=r)
-        except AssertionError as err:
-            problems.append(f"{what}: {str(err).splitlines()[-2].strip()} {str(err).splitlines()[-1].strip()}")
+    def close(got, want, a, r, what, extra=None):
+        """|got - want| <= a + r |want| + extra (extra: per channel, along dim 1 or 0)."""
+        got = got.double()
+        bound = a + r * want.abs()
+        if extra is not None:
+            bound = bound + (extra.view((1, -1) + (1,) * (want.dim() - 2)) if want.dim() > 1 else extra)
+        bad = (got - want).abs() > bound
+        bad |= torch.isnan(got) != torch.isnan(want)
+        if bad.any():
+            err = (got - want).abs().max().item()
+            problems.append(f"{what}: {int(bad.sum())} of {bad.numel()} values off, max error {err:.3g}")
 
     for i, exp in enumerate(expected["steps"]):
+        extra = _conditioning(cfg, data[i], weight)
         for r, res in enumerate(results):
             got = res["steps"][i]
             where = f"step {i} rank {r}"
@@ -133,8 +176,8 @@ def _compare(cfg: LayerConfig, expected: dict, results: list) -> list[str]:
                 problems.append(f"{where}: dtype {got['dtype']}")
             if not (got["y_format_kept"] and got["dx_format_kept"]):
                 problems.append(f"{where}: memory format lost")
-            close(got["y"], exp["y"][r], atol, rtol, f"{where} output")
-            close(got["dx"], exp["dx"][r], atol, rtol, f"{where} grad_input")
+            close(got["y"], exp["y"][r], atol, rtol, f"{where} output", extra["y"])
+            close(got["dx"], exp["dx"][r], atol, rtol, f"{where} grad_input", extra["dx"])
             if cfg.track_running_stats:
                 close(got["running_mean"], exp["running_mean"], patol, prtol, f"{where} running_mean")
                 close(got["running_var"], exp["running_var"], patol, prtol, f"{where} running_var")
@@ -143,10 +186,19 @@ def _compare(cfg: LayerConfig, expected: dict, results: list) -> list[str]:
                 if not torch.equal(got["running_var"], results[0]["steps"][i]["running_var"]):
                     problems.append(f"{where}: running_var differs between ranks")
         if cfg.affine:
-            close(sum(res["steps"][i]["dw"].double() for res in results), exp["dw"], patol, prtol, f"step {i} grad_weight")
-            close(sum(res["steps"][i]["db"].double() for res in results), exp["db"], patol, prtol, f"step {i} grad_bias")
+            dw = sum(res["steps"][i]["dw"].double() for res in results)
+            db = sum(res["steps"][i]["db"].double() for res in results)
+            close(dw, exp["dw"], patol, prtol, f"step {i} grad_weight", extra["dw"])
+            close(db, exp["db"], patol, prtol, f"step {i} grad_bias")
     for r, res in enumerate(results):
         close(res["eval_y"], expected["eval_y"][r], atol, rtol, f"rank {r} eval output")
+    if problems:  # for triage: how far single-precision nn.BatchNorm is on the same values
+        bn32 = run_oracle(cfg, data, [x for x in make_eval_data(cfg, len(results))], torch.float32)
+        worst = max(
+            (bn32["steps"][i]["dx"][r].double() - exp["dx"][r]).abs().max().item()
+            for i, exp in enumerate(expected["steps"]) for r in range(len(results)) if exp["dx"][r].numel()
+        )  # fmt: skip
+        problems.append(f"(float32 nn.BatchNorm's largest grad_input error on these values: {worst:.3g})")
     return problems
 
 
@@ -174,7 +226,7 @@ def _run_episode(pool, group, cfg, backend, kind) -> tuple[int, list[str]]:
     expected = run_oracle(cfg, data, eval_data)
     per_rank = [([step[r] for step in data], eval_data[r]) for r in range(world)]
     results = pool.run(_case_soak, group=group, args=(cfg, env, kind), per_rank_args=per_rank, timeout=120)
-    return len(cfg.sizes), _compare(cfg, expected, results)
+    return len(cfg.sizes), _compare(cfg, data, expected, results)
 
 
 @pytest.mark.timeout(max(600, STEPS * 3))
