@@ -236,12 +236,15 @@ def test_soak(pool):
     steps = episodes = mismatched_steps = 0
     failures: list[dict] = []
     by_backend = {"torch": 0, "triton": 0}
+    mix: dict[str, dict[str, int]] = {"group": {}, "dtype": {}, "ndim": {}, "kind": {}}
     while steps < STEPS:
         group, cfg, backend, kind = _draw_episode(rng, episodes)
         ran, problems = _run_episode(pool, group, cfg, backend, kind)
         steps += ran
         episodes += 1
         by_backend[backend] += ran
+        for key, value in (("group", group), ("dtype", cfg.dtype), ("ndim", f"{cfg.ndim}-D"), ("kind", kind)):
+            mix[key][value] = mix[key].get(value, 0) + ran
         if problems:
             mismatched_steps += ran
             if len(failures) < 20:
@@ -249,7 +252,7 @@ def test_soak(pool):
     elapsed = time.monotonic() - start
     summary = {
         "steps": steps, "episodes": episodes, "mismatched_steps": mismatched_steps, "seconds": round(elapsed, 1),
-        "seed": SEED, "steps_by_backend": by_backend, "torch": torch.__version__, "python": platform.python_version(),
+        "seed": SEED, "steps_by_backend": by_backend, "steps_by": mix, "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "failures": failures,
     }  # fmt: skip
     print(
