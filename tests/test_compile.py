@@ -107,10 +107,11 @@ def test_compile_fullgraph_aot_eager_matches_eager(pool):
     _run_and_compare(pool, "conv", "aot_eager", sizes=[3, 5])
 
 
-def test_compile_fullgraph_single_value_rank(pool):
-    # Rank 0 holds one sample of a 2-D input: one value per channel, so it reads the global
-    # count back inside the op (a graph break if it were traced).
-    _run_and_compare(pool, "mlp", "aot_eager", sizes=[1, 4])
+@pytest.mark.parametrize("sizes", [[1, 4], [0, 3]], ids=["one-value", "empty-rank"])
+def test_compile_fullgraph_single_value_or_empty_rank(pool, sizes):
+    # Rank 0 holds one sample of a 2-D input (one value per channel) or none, so it reads the
+    # global count back inside the op (a graph break if it were traced).
+    _run_and_compare(pool, "mlp", "aot_eager", sizes=sizes)
 
 
 def test_compile_fullgraph_triton_backend(pool):
