@@ -46,7 +46,7 @@ _INPUT_DIM_TO_BATCHNORM_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, SyncBatchNorm.forward)
 # Instance attributes that belong to one layer class or one object and are not carried over:
 # the frozen ``train`` is rebuilt for the new object, the rest is syncbn.SyncBatchNorm's own.
-_NOT_CARRIED = frozenset({"train", "forward", "process_group", "batchnorm_dim", "_input_dim"})
+_NOT_CARRIED = frozenset({"train", "forward", "process_group", "batchnorm_dim", "_input_dim", "_syncbn_name"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +177,9 @@ def convert_sync_batchnorm(
     (None included), affine, track_running_stats and freezing, and the old layer's plain
     attributes such as ``qconfig``. ``process_group`` applies to every layer, as with torch's
     own converter: a ``torch.nn.SyncBatchNorm``'s group is replaced, and existing
-    ``syncbn.SyncBatchNorm`` layers stay the same objects but get ``process_group``.
+    ``syncbn.SyncBatchNorm`` layers stay the same objects but get ``process_group``. Every
+    ``syncbn.SyncBatchNorm`` layer records its path in ``module`` (``layer1.0.bn1``), the name
+    ``SYNCBN_DEBUG=1`` checks and error messages use.
 
     Subclasses that bring their own ``forward`` (BatchNorm+activation layers of model zoos),
     parametrized layers and layers with an instance-level ``forward`` are left as they are,
@@ -209,6 +211,9 @@ def convert_sync_batchnorm(
     converted = _replace(
         module, "", {}, skipped, _convertible_to_syncbn, lambda layer: _to_syncbn(layer, process_group)
     )
+    for path, layer in converted.named_modules():
+        if isinstance(layer, SyncBatchNorm) and path:
+            layer._syncbn_name = path  # names the layer in SYNCBN_DEBUG checks and errors
     if skipped:
         warnings.warn(
             "syncbn.convert_sync_batchnorm left these BatchNorm layers as they are, because "

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import check_input, sync_batch_norm
+from .functional import _training_forward, check_input, in_backward_pass
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -63,42 +63,60 @@ class SyncBatchNorm(_BatchNorm):
     # Class-level defaults, so layers built or pickled without them read None / 0.
     batchnorm_dim: int | None = None
     _input_dim: int = 0
+    # The layer's path in its model, for SYNCBN_DEBUG and error messages (syncbn.distributed):
+    # set by convert_sync_batchnorm, or found on first need; None: not known yet.
+    _syncbn_name: str | None = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_input(input, self.num_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if input.dim() != self._input_dim:  # one int compare; records the rank for revert
+        # One int compare; records the input rank for revert. Not while compiling: writing a
+        # module attribute from compiled code costs a recompilation on the next call.
+        if not torch.compiler.is_compiling() and input.dim() != self._input_dim:
             self._input_dim = input.dim()
+
+        # A training forward recomputed during backward (activation checkpointing) is the same
+        # batch again: it normalizes and synchronizes, but counts no batch and leaves the
+        # running statistics alone. Under torch.compile the custom op applies that rule and
+        # counts the batch itself (traced code would count a recomputation again).
+        compiling = torch.compiler.is_compiling()
+        recomputed = self.training and not compiling and in_backward_pass()
 
         # Exactly nn.BatchNorm's bookkeeping, except that the cumulative-average factor of
         # momentum=None stays a device tensor instead of being read back to the host.
         momentum: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        counted = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if counted and not recomputed and not compiling:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = self.num_batches_tracked.double().reciprocal()
 
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-
-        if use_batch_stats and not self.training:
-            # Eval mode without running statistics: local batch statistics, no communication
-            # (as torch.nn.SyncBatchNorm).
-            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        return sync_batch_norm(
+        if not self.training:
+            if input.shape[1] == 0:
+                return input.clone()  # no channels (F.batch_norm would index channel 0)
+            if self.running_mean is None and self.running_var is None:
+                # Eval mode without running statistics: local batch statistics, no communication
+                # (as torch.nn.SyncBatchNorm).
+                return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            # Eval mode with running statistics: no communication.
+            return F.batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        tracked = self.track_running_stats and not recomputed
+        return _training_forward(
             input,
-            running_mean,
-            running_var,
+            self.running_mean if tracked else None,
+            self.running_var if tracked else None,
             self.weight,
             self.bias,
-            use_batch_stats,
             momentum,
             self.eps,
             self.process_group,
+            self,
+            self.num_batches_tracked if counted and compiling else None,
+            self.momentum is None,
         )
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from syncbn.verify import BATCHNORM_BY_NDIM as BN_CLASSES  # noqa: F401 - kept for importers
 from syncbn.verify import Oracle
 MEMORY_FORMATS = {
     None: torch.contiguous_format,
@@ -94,16 +93,18 @@ def make_eval_data(cfg: LayerConfig, world: int) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=gen, dtype=torch.float64).to(cfg.torch_dtype) for _ in range(world)]
 
 
-def run_oracle(cfg: LayerConfig, data, eval_data) -> dict:
+def run_oracle(cfg: LayerConfig, data, eval_data, dtype: torch.dtype = torch.float64) -> dict:
     """Single-process float64 nn.BatchNorm on the concatenated batches, step by step.
 
     Returns ``steps[i]`` with per-rank lists ``y`` and ``dx`` and the global ``dw``, ``db``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``; and ``eval_y`` per rank. The
     oracle itself is the package's (``syncbn.verify.Oracle``, which ``syncbn verify`` runs).
+    ``dtype=torch.float32`` gives instead what nn.BatchNorm achieves in single precision on the
+    same values: the measure of how well conditioned a case is (tests/test_soak.py).
     """
     weight, bias = make_params(cfg) if cfg.affine else (None, None)
     oracle = Oracle(
-        cfg.ndim, cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, weight, bias
+        cfg.ndim, cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, weight, bias, dtype
     )
     steps = [oracle.step([x for x, _ in step], [g for _, g in step]) for step in data]
     return {"steps": steps, "eval_y": [oracle.eval(x) for x in eval_data]}

@@ -4,14 +4,18 @@
     python -m pytest -q tests/test_cuda.py             # the same, by hand
 
 Everything here needs CUDA and is skipped without it; tests/test_triton_ops.py covers the
-kernels on CPU under Triton's interpreter. Three things only a GPU can show:
+kernels on CPU under Triton's interpreter. What only a GPU can show:
 
 - the compiled kernels (not the interpreter) agree with float64 statistics and with the torch
   path at the sizes the benchmarks use, where tiles, splits and the merge are all in play;
 - ``syncbn.SyncBatchNorm`` on the synced path (a 1-process NCCL group, ``SYNCBN_ALWAYS_SYNC=1``)
   matches ``nn.BatchNorm`` on the same data, and makes no device-to-host synchronization;
 - a whole training step with syncbn layers, captured once in a ``torch.cuda.CUDAGraph`` and
-  replayed on new data, trains exactly like eager mode, step by step.
+  replayed on new data, trains exactly like eager mode, step by step;
+- the reliability features with the compiled kernels and NCCL: ``torch.compile(fullgraph=True)``
+  with inductor (and its CUDA graphs) around the custom ops, activation checkpointing,
+  ``SYNCBN_DEBUG``'s all_gather over NCCL, NaN/inf, 65536 channels, strided and expanded
+  inputs, zero channels, inference mode, the double-backward error.
 """
 
 from __future__ import annotations
@@ -342,3 +346,170 @@ def test_eval_and_reference_backend_still_work(monkeypatch):
     layer.train()
     layer(x).sum().backward()
 
+
+
+# --- reliability (issue 6): torch.compile, checkpointing, debug mode, edge inputs on the GPU ---
+#
+# The CPU suite checks all of this on gloo with the torch path and (interpreted) Triton kernels;
+# here the compiled Triton kernels and NCCL take part: inductor's code around the custom ops,
+# the debug all_gather of CUDA descriptors over NCCL, NaN through the compiled kernels, many
+# channels and odd strides at GPU launch configurations.
+
+
+def _compiled_vs_eager(model, steps, memory_format, autocast, compile_kwargs):
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    loss_fn = nn.CrossEntropyLoss()
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(8, 3, 16, 16, device=DEVICE, generator=g).contiguous(memory_format=memory_format)
+        t = torch.randint(0, 10, (8,), device=DEVICE, generator=g)
+        losses = []
+        for net, m, opt in ((compiled, model, opt_c), (eager, eager, opt_e)):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(DEVICE.type, torch.bfloat16, enabled=autocast):
+                loss = loss_fn(net(x), t)
+            loss.backward()
+            # clones: under CUDA graphs the next replay overwrites the outputs
+            losses.append((loss.detach().float().clone(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+            opt.step()
+        out.append((losses, _state(model), _state(eager)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels_last, autocast, mode",
+    [(False, False, None), (True, True, None), (False, False, "reduce-overhead")],
+    ids=["f32-nchw", "bf16-autocast-nhwc", "f32-cudagraphs"],
+)
+def test_compile_inductor_fullgraph_matches_eager(always_sync, channels_last, autocast, mode):
+    """Inductor around the custom ops, Triton kernels inside, NCCL world of one, synced path."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = _small_model().to(memory_format=memory_format)
+    kwargs = {"backend": "inductor"} if mode is None else {"backend": "inductor", "mode": mode}
+    results = _compiled_vs_eager(model, 4, memory_format, autocast, kwargs)
+    # inductor fuses the code around the layers (loss, pooling, ReLU) in its own order; bf16
+    # autocast rounds activations to 8 bits.
+    rtol, atol = (2e-2, 2e-2) if autocast else (1e-3, 1e-4)
+    for step, ((compiled, eager), state_c, state_e) in enumerate(results):
+        torch.testing.assert_close(compiled[0], eager[0], rtol=rtol, atol=atol, msg=f"loss, step {step}")
+        for k in eager[1]:
+            torch.testing.assert_close(compiled[1][k], eager[1][k], rtol=rtol, atol=atol, msg=f"grad {k}, step {step}")
+        for k in state_e:
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=rtol, atol=atol, msg=f"{k}, step {step}")
+    if mode is None:  # (CUDA graph replays run no Python, so they cannot be counted)
+        # both paths synchronized every layer in both passes: 4 steps, 3 layers, 2 passes, 2 models
+        assert len(always_sync) == 4 * 3 * 2 * 2
+    assert results[-1][1]["4.num_batches_tracked"].item() == 4
+
+
+def test_checkpoint_matches_no_checkpoint_on_gpu(always_sync):
+    from torch.utils.checkpoint import checkpoint
+
+    model = _small_model()
+    twin = copy.deepcopy(model)
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    for _ in range(3):
+        x = torch.randn(8, 3, 16, 16, device=DEVICE, generator=g)
+        always_sync.clear()
+        h = model[:3](x)
+        y = model[6:](checkpoint(model[3:6], h, use_reentrant=False))
+        y.square().sum().backward()
+        assert len(always_sync) == 3 * 2 + 1  # the checkpointed layer synchronizes again
+        twin(x).square().sum().backward()
+    for (k, a), b in zip(twin.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)  # stats updated once
+    for (k, a), b in zip(twin.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_debug_mode_over_nccl(always_sync, monkeypatch):
+    """The descriptor all_gather runs on CUDA tensors over NCCL; results do not change."""
+    model = _small_model()
+    twin = copy.deepcopy(model)
+    x = make_input((8, 3, 16, 16), torch.float32)
+    twin(x).sum().backward()
+    monkeypatch.setenv("SYNCBN_DEBUG", "1")
+    sb_distributed.reset_debug_state()
+    model(x).sum().backward()
+    assert sb_distributed._debug_calls  # the checks ran
+    for (k, a), b in zip(twin.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _bn_reference(x, channels, momentum=0.1):
+    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()]
+    return bn(channels, momentum=momentum).to(DEVICE)
+
+
+def test_nan_and_inf_through_the_kernels(always_sync):
+    x = make_input((4, 8, 12, 12), torch.float32)
+    x[1, 0, 3, 3] = float("nan")
+    x[2, 1, 0, 0] = float("inf")
+    ours, ref = syncbn.SyncBatchNorm(8).to(DEVICE), _bn_reference(x, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
+    for a, b in ((ours.running_mean, ref.running_mean), (ours.running_var, ref.running_var)):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), (a, b)  # NaN where BN has inf
+        torch.testing.assert_close(a[2:], b[2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format",
+    [((4, 65536), torch.float32, None), ((2, 65536, 1, 2), torch.bfloat16, torch.channels_last)],
+    ids=["2d-f32", "nhwc-bf16"],
+)
+def test_65536_channels_few_values(always_sync, shape, dtype, memory_format):
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    x = (torch.randn(shape, device=DEVICE, generator=g) * 2 + 0.5).to(dtype)  # no channel ramp
+    x = x.contiguous(memory_format=memory_format or torch.contiguous_format)
+    ours, ref = syncbn.SyncBatchNorm(shape[1]).to(DEVICE), _bn_reference(x, shape[1])
+    xa, xb = x.clone().requires_grad_(), x.float().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    dy = torch.randn(shape, device=DEVICE, generator=g).to(dtype).contiguous(memory_format=memory_format or torch.contiguous_format)
+    ya.backward(dy)
+    yb.backward(dy.float())
+    rtol, atol = OUT_TOL[dtype]
+    torch.testing.assert_close(ya.float(), yb, rtol=rtol, atol=atol)
+    torch.testing.assert_close(xa.grad.float(), xb.grad, rtol=rtol, atol=4 * atol)  # 4 values: cancellation
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["sliced", "transposed", "expanded"])
+def test_strided_and_expanded_inputs(always_sync, kind):
+    base = make_input((6, 16, 10, 12), torch.float32)
+    views = {
+        "sliced": lambda t: t[..., ::2],
+        "transposed": lambda t: t.transpose(2, 3),
+        "expanded": lambda t: t[:1].expand(6, -1, -1, -1),
+    }
+    ours, ref = syncbn.SyncBatchNorm(16).to(DEVICE), _bn_reference(base, 16)
+    a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ya, yb = ours(views[kind](a)), ref(views[kind](b))
+    ya.sum().backward()  # an expanded gradient too
+    yb.sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_channels_inference_mode_and_double_backward(always_sync):
+    empty = syncbn.SyncBatchNorm(0).to(DEVICE)
+    assert empty(torch.randn(4, 0, 3, 3, device=DEVICE)).shape == (4, 0, 3, 3)
+    always_sync.clear()
+    layer = syncbn.SyncBatchNorm(8).to(DEVICE)
+    with torch.inference_mode():
+        y = layer(make_input((4, 8, 5, 5), torch.float32))
+    assert y.is_inference() and not layer.running_var.is_inference()
+    assert always_sync == [2 * 8 + 1]
+    x = make_input((4, 8, 5, 5), torch.float32).requires_grad_()
+    (gx,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="syncbn: double backward"):
+        gx.sum().backward()

@@ -157,7 +157,8 @@ def _reduce_ncs_kernel(
         # mean's low digits (an ulp of 1e4 is 1e-3) and the merge would turn that into variance.
         count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
         tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
-        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        m2 = s2 - s1 * (s1 / count)
+        tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
         tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
@@ -243,7 +244,8 @@ def _reduce_mc_kernel(
     else:
         count = (m_hi - m_lo).to(tl.float32)
         tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
-        tl.store(part_ptr + C * T + c * T + t, tl.maximum(s2 - s1 * (s1 / count), 0.0), mask=c_mask)
+        m2 = s2 - s1 * (s1 / count)
+        tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
         tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
@@ -327,7 +329,10 @@ def _finalize_kernel(
     mask = c < C
     n = tl.load(stats_ptr + 2 * C)
     mean = tl.load(stats_ptr + c, mask=mask, other=0.0) / n
-    var = tl.maximum(tl.load(stats_ptr + C + c, mask=mask, other=0.0) / n - mean * mean, 0.0)
+    var = tl.load(stats_ptr + C + c, mask=mask, other=0.0) / n - mean * mean
+    # Clamped at 0 with where, not tl.maximum: maximum(NaN, 0) is 0, and a NaN or inf in the
+    # input must leave its channel's statistics NaN, as in nn.BatchNorm.
+    var = tl.where(var < 0.0, 0.0, var)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + c, mean, mask=mask)
     tl.store(invstd_ptr + c, invstd, mask=mask)

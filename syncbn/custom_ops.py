@@ -1,0 +1,233 @@
+"""The two passes as custom operators, for ``torch.compile(..., fullgraph=True)``.
+
+    torch.ops.syncbn.forward    local statistics, all-reduce, running-statistics update, normalize
+    torch.ops.syncbn.backward   local gradient sums, all-reduce, input gradient
+
+Why custom ops. Dynamo can trace the eager autograd Function in simple cases (torch 2.13 turns
+its in-place ``dist.all_reduce`` into a functional collective), but not the layer's
+data-dependent parts: the global-count rule reads the count back to the host on a rank with
+at most one sample, ``SYNCBN_DEBUG`` compares descriptors on the host, and the Triton
+launchers pick configurations in Python. A graph break there is an error under
+``fullgraph=True``. As custom ops, each pass is one opaque node: the compiler sees its
+shapes (``register_fake``) and its backward (``register_autograd``); the running statistics and
+``num_batches_tracked`` come back as outputs that are copied into the buffers right after it
+(an op with an autograd formula must be functional); and inside it runs the same code as
+eager mode, whichever backend (``syncbn.ops.backend_for``) the tensors take, so the layer
+computes in compiled code exactly what it computes in eager mode.
+
+Why only under compile. The dispatcher costs tens of microseconds per call on the host, more
+than the whole layer on small CPU tensors, so eager mode keeps the autograd Function
+(``syncbn.functional``) and ``_training_forward`` picks the ops only while
+``torch.compiler.is_compiling()``.
+
+The process group travels as its name (custom ops take no ProcessGroup objects) and is
+resolved inside the op, the way torch's functional collectives do it; "" is the default group.
+Outputs have exactly the strides the fake functions promise (inductor asserts them): the
+output and the input gradient are laid out like ``torch.empty_like(input)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .functional import backward_pass, forward_pass, in_backward_pass
+from .ops.reference import stat_dtype
+
+
+def _resolve_group(group_name: str) -> dist.ProcessGroup | None:
+    if not group_name:
+        return None
+    return dist.distributed_c10d._resolve_process_group(group_name)
+
+
+def _like_input(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``torch.empty_like(input)`` (one copy when they differ).
+
+    A fresh tensor with the input's strides means a dense input, whose strides empty_like
+    keeps: the usual case, no allocation. A transposed, sliced or expanded input is where the
+    backends and empty_like may lay the result out differently.
+    """
+    if t.stride() == input.stride():
+        return t
+    out = torch.empty_like(input)
+    return t if t.stride() == out.stride() else out.copy_(t)
+
+
+@torch.library.custom_op("syncbn::forward", mutates_args=())
+def _forward_op(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum_tensor: torch.Tensor | None,
+    momentum: float,
+    cumulative: bool,
+    eps: float,
+    group_name: str,
+    sync: bool,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output, mean, invstd, count, new_running_mean, new_running_var, new_num_batches_tracked)``.
+
+    Functional (an op with an autograd formula may not mutate its inputs): the updated running
+    statistics and batch counter come back as new tensors, empty when there are none, and the
+    caller copies them into the buffers. The counter is counted here, not in traced code, so
+    that a recomputation in backward (activation checkpointing around compiled code) changes
+    none of them; ``cumulative`` (momentum=None) takes the momentum from the counter.
+    ``mean`` and ``invstd`` are zeros when nothing was normalized.
+    """
+    recomputed = in_backward_pass()
+    new_mean = running_mean.clone() if running_mean is not None else None
+    new_var = running_var.clone() if running_var is not None else None
+    new_count = num_batches_tracked.clone() if num_batches_tracked is not None else None
+    weight_of_new: float | torch.Tensor = momentum if momentum_tensor is None else momentum_tensor
+    if new_count is not None and not recomputed:
+        new_count.add_(1)
+        if cumulative:
+            weight_of_new = new_count.double().reciprocal()
+    output, mean, invstd, count = forward_pass(
+        input, weight, bias, None if recomputed else new_mean, None if recomputed else new_var,
+        weight_of_new, eps, _resolve_group(group_name), sync, name,
+    )  # fmt: skip
+    none = input.new_empty((0,))
+    buffers = tuple(none.clone() if t is None else t for t in (new_mean, new_var, new_count))
+    if mean is None:  # no channels, or no sample in the whole group
+        channels = input.shape[1]
+        zeros = input.new_zeros((channels,), dtype=stat_dtype(input.dtype))
+        return (output, zeros, zeros.clone(), input.new_zeros((), dtype=torch.float64), *buffers)
+    if mean.untyped_storage().data_ptr() == invstd.untyped_storage().data_ptr():
+        invstd = invstd.clone()  # outputs must not share storage (Triton's finalize packs them)
+    return (_like_input(output, input), mean, invstd, count.clone(), *buffers)
+
+
+@_forward_op.register_fake
+def _forward_fake(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor, momentum,
+    cumulative, eps, group_name, sync, name,
+):  # fmt: skip
+    channels = input.shape[1]
+    dtype = stat_dtype(input.dtype)
+    buffers = tuple(
+        torch.empty_like(t) if t is not None else input.new_empty((0,))
+        for t in (running_mean, running_var, num_batches_tracked)
+    )
+    return (
+        torch.empty_like(input),
+        input.new_empty((channels,), dtype=dtype),
+        input.new_empty((channels,), dtype=dtype),
+        input.new_empty((), dtype=torch.float64),
+        *buffers,
+    )
+
+
+@torch.library.custom_op("syncbn::backward", mutates_args=())
+def _backward_op(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    count: torch.Tensor,
+    group_name: str,
+    sync: bool,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_input, grad_weight, grad_bias)``; an unneeded one is an empty tensor.
+
+    ``grad_bias`` is in the statistics dtype (the caller casts it to the bias's dtype).
+    """
+    channels = input.shape[1]
+    empty = channels == 0 or (input.numel() == 0 and int(count.item()) == 0)
+    if empty:
+        # Nothing was normalized (the eager Function has no backward at all here): no
+        # collective, and every rank of the group is in this same case.
+        grads = (torch.zeros_like(input), mean.new_zeros((channels,)), mean.new_zeros((channels,)))
+        if weight is not None:
+            grads = (grads[0], grads[1].to(weight.dtype), grads[2])
+    else:
+        grads = backward_pass(
+            grad_output, input, weight, mean, invstd, count, _resolve_group(group_name), sync,
+            (need_input, need_weight, need_bias), mean.dtype, name,
+        )  # fmt: skip
+    grad_input, grad_weight, grad_bias = grads
+    return (
+        _like_input(grad_input, input) if need_input else input.new_empty((0,)),
+        grad_weight if need_weight else input.new_empty((0,)),
+        grad_bias if need_bias else input.new_empty((0,)),
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_output, input, weight, mean, invstd, count, group_name, sync, need_input, need_weight, need_bias, name):
+    channels = input.shape[1]
+    return (
+        torch.empty_like(input) if need_input else input.new_empty((0,)),
+        weight.new_empty((channels,)) if need_weight else input.new_empty((0,)),
+        mean.new_empty((channels,)) if need_bias else input.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, bias, *_, group_name, sync, name = inputs
+    _, mean, invstd, count, *buffers = output
+    ctx.save_for_backward(input, weight, mean, invstd, count)
+    ctx.group_name, ctx.sync, ctx.name = group_name, sync, name
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, invstd, count, *buffers)
+
+
+def _backward(ctx, grad_output, *_grads_of_non_differentiable):
+    input, weight, mean, invstd, count = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_input, grad_weight, grad_bias = _backward_op(
+        grad_output, input, weight, mean, invstd, count, ctx.group_name, ctx.sync,
+        need_input, need_weight, need_bias, ctx.name,
+    )  # fmt: skip
+    return (
+        grad_input if need_input else None,
+        grad_weight if need_weight else None,
+        grad_bias.to(ctx.bias_dtype) if need_bias else None,
+        *(None,) * 10,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sync_batch_norm_op(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    eps: float,
+    process_group: dist.ProcessGroup | None,
+    sync: bool,
+    name: str = "",
+    num_batches_tracked: torch.Tensor | None = None,
+    cumulative: bool = False,
+) -> torch.Tensor:
+    """The training-mode layer through ``torch.ops.syncbn.forward`` (what compiled code calls).
+
+    With ``num_batches_tracked`` the op counts the batch (the module's bookkeeping, done here
+    rather than in traced code); ``cumulative`` is ``momentum=None``.
+    """
+    momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
+    momentum_float = 0.0 if momentum_tensor is not None else float(momentum)
+    group_name = process_group.group_name if (sync and process_group is not None) else ""
+    output, _, _, _, *new_buffers = _forward_op(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor,
+        momentum_float, cumulative, float(eps), group_name, sync, name,
+    )  # fmt: skip
+    with torch.no_grad():
+        for buffer, new in zip((running_mean, running_var, num_batches_tracked), new_buffers):
+            if buffer is not None:
+                buffer.copy_(new)
+    return output
