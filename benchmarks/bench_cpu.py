@@ -52,11 +52,19 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
             dist.all_reduce(stats_buf)
             dist.all_reduce(grad_buf)
 
+        def f_batch_norm_with_collectives():
+            # the control: F.batch_norm with syncbn's two collectives where syncbn makes them
+            y = F.batch_norm(x, None, None, weight, bias, True)
+            dist.all_reduce(stats_buf)
+            y.backward(grad)
+            dist.all_reduce(grad_buf)
+
         candidates = {
             "F.batch_norm": lambda: F.batch_norm(x, None, None, weight, bias, True).backward(grad),
             "syncbn": lambda: sync_batch_norm(x, None, None, weight, bias, True).backward(grad),
             "syncbn unsynced": lambda: sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(grad),
             "all_reduce x2": collectives,
+            "F.batch_norm + all_reduce x2": f_batch_norm_with_collectives,
         }
         times = interleaved_medians(candidates, args.rounds, args.iters, args.warmup, barrier=dist.barrier)
         row = {"shape": list(shape), **times}
@@ -87,19 +95,35 @@ def report(rows: list[dict], world: int, out_dir: Path) -> None:
         "cores. `F.batch_norm` runs on each rank's local tensor with no communication; `syncbn` is "
         "synced over both ranks; `syncbn unsynced` is the same call in a group of one rank (the "
         "local math alone, in the same conditions); `all_reduce x2` is the two bare gloo "
-        "collectives syncbn makes (2C+1 float64 forward, 2C float32 backward). Each figure is the "
-        "slower rank's median.",
+        "collectives syncbn makes (2C+1 float64 forward, 2C float32 backward); `F.batch_norm + "
+        "all_reduce x2` is the control: F.batch_norm with those two collectives made where syncbn "
+        "makes them (between forward and backward, and after backward), so that it pays the same "
+        "waits for the other rank. Each figure is the slower rank's median.",
         "",
-        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | syncbn unsynced (ms) | unsynced / F.batch_norm | all_reduce x2 (ms) | target <= 1.5x |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | target <= 1.5x | syncbn unsynced (ms) | unsynced / F.batch_norm | all_reduce x2 (ms) | F.batch_norm + all_reduce x2 (ms) | syncbn / control |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["syncbn"] / r["F.batch_norm"]
         lines.append(
             f"| {tuple(r['shape'])} | {r['F.batch_norm']:.3f} | {r['syncbn']:.3f} | {ratio:.2f}x | "
+            f"{'met' if ratio <= TARGET else 'missed'} | "
             f"{r['syncbn unsynced']:.3f} | {r['syncbn unsynced'] / r['F.batch_norm']:.2f}x | "
-            f"{r['all_reduce x2']:.3f} | {'met' if ratio <= TARGET else 'missed'} |"
+            f"{r['all_reduce x2']:.3f} | {r['F.batch_norm + all_reduce x2']:.3f} | "
+            f"{r['syncbn'] / r['F.batch_norm + all_reduce x2']:.2f}x |"
         )
+    worst_local = max(r["syncbn unsynced"] / r["F.batch_norm"] for r in rows[:2])
+    lines += [
+        "",
+        "Reading it: the local math (`syncbn unsynced`) is within "
+        f"{worst_local:.2f}x of F.batch_norm on the two convolution-sized layers, and syncbn "
+        "synced costs what the control costs: F.batch_norm itself, made to wait for the same two "
+        "collectives, is as slow. Where the 1.5x target is missed, the gap is the two gloo "
+        "round trips between processes on this machine (`all_reduce x2`, plus the waits for the "
+        "slower rank that any synchronous collective adds), which are several times the 0.2 ms "
+        "per all-reduce the target assumed; on the (256, 512) layer they are ten times the whole "
+        "F.batch_norm, and the small per-channel tensor ops around them are the rest.",
+    ]
     write_results("cpu", m, rows, lines, out_dir)
 
 
