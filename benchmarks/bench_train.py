@@ -126,6 +126,15 @@ def with_bn(model: nn.Module, choice: str, group=None) -> nn.Module:
     return model  # plain BatchNorm2d
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor, bf16: bool = False) -> None:
+    """One SGD step: forward (bf16 autocast when asked), cross-entropy, backward, update."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: ResNet-50 on one device
 
@@ -141,11 +150,7 @@ def gpu_step_time(choice: str, batch: int, bf16: bool, args: argparse.Namespace)
     target = torch.randint(0, 1000, (batch,), device=device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, target, bf16)
 
     for _ in range(args.warmup):
         step()
@@ -224,10 +229,7 @@ def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
         target = torch.randint(0, 10, (args.cpu_batch,), generator=gen)
 
         def step() -> None:
-            loss = F.cross_entropy(model(x), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, target)
 
         for _ in range(args.warmup):
             step()
