@@ -4,6 +4,7 @@
     syncbn verify                        # 2 local processes (gloo): syncbn against the oracle
     syncbn verify --nproc 8 --backend nccl
     torchrun --nproc-per-node 8 -m syncbn verify     # or join the world torchrun set up
+    syncbn bench [--quick]               # the benchmarks that fit this machine (source checkout)
 
 ``verify`` is the command to run first on a new machine or cluster: it prints a PASS/FAIL table
 and exits non-zero on any failure, on a rank that crashes, and on a hang (``--timeout``).
@@ -103,6 +104,70 @@ def verify(nproc: int | None, backend: str, timeout: float) -> int:
     return verify_mod.run_local(2 if nproc is None else nproc, backend, timeout)
 
 
+# (script, arguments, arguments with --quick) per machine kind; each writes benchmarks/results/.
+BENCHMARKS = {
+    "cpu": [
+        ("bench_cpu.py", [], ["--rounds", "5", "--iters", "5"]),
+        ("bench_comm.py", [], ["--rounds", "3", "--iters", "5"]),
+        ("bench_train.py", ["--cpu"], ["--cpu", "--blocks", "2", "--steps", "3"]),
+    ],
+    "gpu": [
+        ("bench_kernels.py", [], ["--quick"]),
+        ("bench_train.py", [], ["--blocks", "2", "--steps", "5"]),
+        ("bench_comm.py", [], ["--rounds", "3", "--iters", "5"]),
+    ],
+}
+
+
+def _progress(done: int, total: int, label: str, width: int = 24) -> str:
+    filled = width * done // total
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
+
+
+def bench(quick: bool, out: str | None, timeout: float) -> int:
+    """Run the repository's benchmarks that fit this machine, one subprocess each, with progress.
+
+    The benchmarks live in the source tree (``benchmarks/``), not in the installed package: this
+    works from a checkout installed with ``pip install -e .``.
+    """
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import torch
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (bench_dir / "common.py").exists():
+        print(f"syncbn bench: no benchmarks/ folder next to the package ({bench_dir}); run it from "
+              "a source checkout installed with `pip install -e .`", file=sys.stderr)
+        return 2
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    plan = BENCHMARKS[kind]
+    print(f"syncbn bench: {len(plan)} benchmarks for this {kind.upper()} machine"
+          f"{' (quick)' if quick else ''}; results in {out or bench_dir / 'results'}", flush=True)
+    failed = []
+    for i, (script, full_args, quick_args) in enumerate(plan):
+        cmd = [sys.executable, str(bench_dir / script), *(quick_args if quick else full_args)]
+        if out:
+            cmd += ["--out", out]
+        print(_progress(i, len(plan), f"running {script} ..."), flush=True)
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, cwd=bench_dir.parent, capture_output=True, text=True, timeout=timeout)
+            ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        except subprocess.TimeoutExpired:
+            ok, tail = False, [f"timed out after {timeout:.0f} s"]
+        status = "done" if ok else "FAILED"
+        print(_progress(i + 1, len(plan), f"{script} {status} in {time.time() - start:.0f} s"), flush=True)
+        for line in tail:
+            print(f"    {line}")
+        if not ok:
+            failed.append(script)
+    if failed:
+        print(f"syncbn bench: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="syncbn", description="Synchronized BatchNorm for PyTorch: environment report and self-test."
@@ -122,9 +187,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: nccl with CUDA tensors when CUDA is available, else gloo with CPU tensors")
     p.add_argument("--timeout", type=float, default=180.0,
                    help="seconds before a hung run is stopped and reported as FAIL (default 180)")
+    p = commands.add_parser(
+        "bench",
+        help="run the benchmarks that fit this machine (CPU or GPU), writing benchmarks/results/",
+        description="Run the repository's benchmarks for this machine: on CPU the layer at world size 2 "
+        "(bench_cpu), communication (bench_comm) and a training step (bench_train --cpu); on a GPU the "
+        "kernels (bench_kernels), ResNet-50 training steps (bench_train) and communication. Needs a "
+        "source checkout (pip install -e .).",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not numbers to quote")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per benchmark (default 1800)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        return bench(args.quick, args.out, args.timeout)
     return verify(args.nproc, args.backend, args.timeout)
 
 
