@@ -15,7 +15,6 @@ another Triton version is evidence, not proof.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import subprocess
 import sys

@@ -108,3 +108,18 @@ def run_oracle(cfg: LayerConfig, data, eval_data, dtype: torch.dtype = torch.flo
     )
     steps = [oracle.step([x for x, _ in step], [g for _, g in step]) for step in data]
     return {"steps": steps, "eval_y": [oracle.eval(x) for x in eval_data]}
+
+
+def layer_pair(shape: tuple[int, ...], momentum: float | None, device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A ``syncbn.SyncBatchNorm`` and the ``nn.BatchNorm{1,2,3}d`` for ``shape``, same parameters."""
+    import syncbn
+    from syncbn.verify import BATCHNORM_BY_NDIM
+
+    channels = shape[1]
+    ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(device)
+    theirs = BATCHNORM_BY_NDIM[len(shape)](channels, momentum=momentum).to(device)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            m.bias.copy_(torch.linspace(-1, 1, channels))
+    return ours, theirs

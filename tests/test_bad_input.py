@@ -15,7 +15,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import syncbn
 from tests.test_semantics import count_collectives

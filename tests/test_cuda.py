@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import syncbn
 from syncbn import distributed as sb_distributed
 from syncbn.ops import backend_name, reference
+from tests.oracle import layer_pair
 
 pytestmark = [
     pytest.mark.gpu,
@@ -184,13 +185,7 @@ def _train(module, xs, dys):
 )
 def test_layer_synced_world_of_one_matches_batchnorm(always_sync, shape, dtype, memory_format, momentum):
     channels = shape[1]
-    bn_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(DEVICE)
-    theirs = bn_cls(channels, momentum=momentum).to(DEVICE)
-    with torch.no_grad():
-        for m in (ours, theirs):
-            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
-            m.bias.copy_(torch.linspace(-1, 1, channels))
+    ours, theirs = layer_pair(shape, momentum, DEVICE)
     xs = [make_input(shape, dtype, memory_format, seed=s) for s in (10, 11, 12)]
     dys = [make_input(shape, dtype, memory_format, seed=s, mean=0.0, std=1.0) for s in (20, 21, 22)]
     # Warm-up on a spare layer: compiles the kernels and starts NCCL outside the checks below.

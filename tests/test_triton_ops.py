@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from syncbn.ops import backend_name, reference
+from tests.oracle import layer_pair
 
 triton_ops = pytest.importorskip("syncbn.ops.triton", reason="triton is not installed")
 
@@ -336,17 +337,8 @@ def _train_two_steps(module, x_steps, dys):
     ids=["nchw", "nhwc-momentum-none", "ndhwc", "2d", "nhwc-bf16"],
 )
 def test_layer_with_triton_backend(monkeypatch, shape, memory_format, dtype, momentum):
-    import syncbn
-
     monkeypatch.setenv("SYNCBN_BACKEND", "triton")
-    channels = shape[1]
-    bn_cls = {2: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
-    ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(DEVICE)
-    theirs = bn_cls(channels, momentum=momentum).to(DEVICE)
-    with torch.no_grad():
-        for m in (ours, theirs):
-            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
-            m.bias.copy_(torch.linspace(-1, 1, channels))
+    ours, theirs = layer_pair(shape, momentum, DEVICE)
     xs = [make_input(shape, dtype, memory_format, seed=s) for s in (10, 11)]
     dys = [randn_like(x, s) for x, s in zip(xs, (20, 21))]
     if dtype in HALF:  # the reference: float32 BatchNorm on the same (rounded) values

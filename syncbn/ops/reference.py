@@ -103,7 +103,6 @@ def _pivoted_moments(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     ``z`` centred, ``M2 = sum(z*z) - sum(z)**2 / n`` loses no digits. Returns float64 mean and
     biased variance, and ``z`` for ``normalize`` to reuse.
     """
-    channels = x.shape[1]
     dims = [0, *range(2, x.dim())]
     pivot = x.sum(dims).div_(count)
     one = torch.ones_like(pivot)
