@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, write_results  # noqa: E402
+from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
 
 # torch 2.13 renamed all_gather_into_tensor
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -47,12 +47,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
             args.rounds, args.iters, args.warmup, barrier=dist.barrier,
         )  # fmt: skip
         rows.append({"world": world, "channels": channels, **times})
-    everyone = [None] * world
-    dist.all_gather_object(everyone, rows)
-    return [
-        {k: (max(r[k] for r in per) if k not in ("world", "channels") else per[0][k]) for k in per[0]}
-        for per in zip(*everyone)
-    ]
+    return slowest_rank(rows, labels=("world", "channels"))
 
 
 def bytes_received(world: int, channels: int) -> dict:
@@ -105,9 +100,7 @@ def plot(measured: list[dict], computed: list[dict], path: Path, title_meta: str
     right.set_title("computed")
     right.legend(fontsize=8)
     fig.suptitle(title_meta, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, write_results  # noqa: E402
+from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, slowest_rank, write_results  # noqa: E402
 from syncbn.functional import sync_batch_norm  # noqa: E402
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (256, 512)]
@@ -76,12 +76,7 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
                 f"all_reduce x2 {row['all_reduce x2']:.3f} ms",
                 flush=True,
             )
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    return [
-        {k: (max(r[k] for r in per_shape) if k != "shape" else per_shape[0][k]) for k in per_shape[0]}
-        for per_shape in zip(*gathered)
-    ]
+    return slowest_rank(rows, labels=("shape",))
 
 
 def report(rows: list[dict], world: int, out_dir: Path) -> None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import syncbn  # noqa: E402
-from benchmarks.common import RESULTS, meta, meta_line, run_world, write_results  # noqa: E402
+from benchmarks.common import RESULTS, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +241,7 @@ def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
                 step()
             times.append((time.perf_counter() - start) / args.steps * 1e3)
         results[choice] = statistics.median(times)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, results)
-    return {k: max(r[k] for r in everyone) for k in results}
+    return slowest_rank([results])[0]
 
 
 def run_cpu(args: argparse.Namespace) -> None:
@@ -288,9 +286,7 @@ def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, ti
     ax.set_ylabel(ylabel)
     ax.legend()
     ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

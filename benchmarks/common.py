@@ -97,6 +97,26 @@ def run_world(world: int, fn: Callable, *args: Any) -> Any:
             return results["value"]
 
 
+def slowest_rank(rows: list[dict], labels: tuple[str, ...] = ()) -> list[dict]:
+    """Every rank's ``rows`` merged: each timing the maximum over ranks (a synced step waits for
+    the slowest), the ``labels`` keys (shape, channels, ...) taken as they are. Collective."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    return [
+        {k: (per[0][k] if k in labels else max(r[k] for r in per)) for k in per[0]}
+        for per in zip(*everyone)
+    ]
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write as PNG and release a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def interleaved_medians(candidates: dict[str, Callable[[], Any]], rounds: int, iters: int, warmup: int,
                         barrier: Callable[[], Any] | None = None) -> dict[str, float]:
     """Median over rounds of the mean ms per call, candidates alternating round by round.
