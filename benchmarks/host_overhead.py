@@ -83,26 +83,63 @@ def main() -> None:
 
     xd = x.detach()
     stats, scratch = ops.forward_stats(xd)
-    mean, invstd = ops.finalize(stats, 1e-5, running_mean, running_var, 0.1, torch.float32)
+    _, mean, invstd = ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)
     sums = ops.backward_reduce(grad, xd, mean)
     count = stats[-1]
     small = torch.ones(2 * channels + 1, device=device, dtype=torch.float64)
+    wd = weight.detach()
+
+    class Identity(torch.autograd.Function):
+        """The cheapest autograd Function: what the engine costs per layer."""
+
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    class ReduceInBackward(torch.autograd.Function):
+        """An all-reduce made in backward, on the autograd engine's thread, as syncbn's is."""
+
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            dist.all_reduce(small)
+            return g
+
+    def through(fn):
+        return lambda: torch.autograd.grad(fn.apply(x), (x,), grad)
+
     rows = [
         ("F.batch_norm fwd+bwd (autograd.grad)", host_us(bn_fwd_bwd, device=device)),
         # torch's SyncBN Function has no CPU kernels
         ("torch SyncBN path fwd+bwd", host_us(torch_sync_fwd_bwd, device=device) if cuda else float("nan")),
         ("syncbn fwd", host_us(syncbn_fwd, device=device)),
         ("syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
-        ("  ops.forward_stats", host_us(lambda: ops.forward_stats(xd), device=device)),
-        ("  ops.finalize", host_us(lambda: ops.finalize(stats, 1e-5, running_mean, running_var, 0.1, torch.float32), device=device)),
-        ("  ops.normalize", host_us(lambda: ops.normalize(xd, mean, invstd, weight, bias), device=device)),
-        ("  ops.backward_reduce", host_us(lambda: ops.backward_reduce(grad, xd, mean), device=device)),
-        ("  ops.backward_elemt", host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, weight, sums, count), device=device)),
+        ("  ops.forward_stats (Triton: 2 launches)", host_us(lambda: ops.forward_stats(xd), device=device)),
+        ("  ops.finalize_normalize (Triton: 1)", host_us(lambda: ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1), device=device)),
+        ("  ops.backward_reduce_affine (Triton: 2)", host_us(lambda: ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32), device=device)),
+        ("  ops.backward_elemt (Triton: 1)", host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, wd, sums, count), device=device)),
+        ("  forward_pass (no autograd)", host_us(lambda: syncbn.functional.forward_pass(xd, wd, bias.detach(), running_mean, running_var, 0.1, 1e-5, None, True), device=device)),
+        ("  backward_pass (no autograd)", host_us(lambda: syncbn.functional.backward_pass(grad, xd, wd, mean, invstd, count, None, True, (True, True, True), torch.float32), device=device)),
         ("  dist.all_reduce (2C+1 float64)", host_us(lambda: dist.all_reduce(small), device=device)),
+        ("  identity autograd.Function fwd+bwd", host_us(through(Identity), device=device)),
+        ("  same, all_reduce in its backward", host_us(through(ReduceInBackward), device=device)),
         ("  one small torch op (mul)", host_us(lambda: small.mul(2.0), device=device)),
+        ("  torch.empty (C floats)", host_us(lambda: torch.empty(channels, device=device), device=device)),
         ("  syncbn.distributed.sync_world_size", host_us(lambda: syncbn.distributed.sync_world_size(None))),
         ("  check_input", host_us(lambda: syncbn.functional.check_input(x, channels))),
     ]
+    # Every thread's ops (cProfile below sees only this thread, not the autograd engine's).
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            syncbn_fwd_bwd()
+    op_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(200):
@@ -116,10 +153,11 @@ def main() -> None:
     header = f"# host time per call, {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
     table = "\n".join([header] + [f"{name:<45} {us:9.1f} us" for name, us in rows])
     print(text.getvalue())
+    print(op_table)
     print(table, flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "host_overhead.txt").write_text(table + "\n\n" + text.getvalue())
+        (args.out / "host_overhead.txt").write_text(table + "\n\n" + op_table + "\n\n" + text.getvalue())
     dist.destroy_process_group()
 
 

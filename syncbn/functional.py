@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from . import distributed
 from .ops import backend_for
-from .ops.reference import stat_dtype
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -127,8 +126,9 @@ def forward_pass(
         if global_count == 0:
             return torch.empty_like(input), None, None, None
 
-    mean, invstd = ops.finalize(stats, eps, running_mean, running_var, momentum, stat_dtype(input.dtype))
-    output = ops.normalize(input, mean, invstd, weight, bias, scratch)
+    output, mean, invstd = ops.finalize_normalize(
+        input, stats, eps, weight, bias, running_mean, running_var, momentum, scratch
+    )
     return output, mean, invstd, stats[-1]
 
 
@@ -157,13 +157,12 @@ def backward_pass(
             "backward", process_group, channels, input.dtype, _name(layer), input.device, input_grad=need_input
         )
     ops = backend_for(input)
-    grad_input = grad_weight = grad_bias = None
-    sums = ops.backward_reduce(grad_output, input, mean)  # [sum_dy, sum_dy_xmu], local
-    if need_weight:
-        grad_weight = (sums[channels:] * invstd).to(weight.dtype)
-    if need_bias:
-        # A copy: the all-reduce below works in place on sums.
-        grad_bias = sums[:channels].to(bias_dtype, copy=True)
+    grad_input = None
+    # [sum_dy, sum_dy_xmu], local, and the weight and bias gradients (never views of sums,
+    # which the all-reduce below changes in place)
+    sums, grad_weight, grad_bias = ops.backward_reduce_affine(
+        grad_output, input, mean, invstd, weight.dtype if need_weight else None, bias_dtype if need_bias else None
+    )
     if need_input:
         if sync:
             try:

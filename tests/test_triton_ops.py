@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from syncbn.functional import sync_batch_norm
 from syncbn.ops import backend_name, reference
 from tests.oracle import layer_pair
 
@@ -155,6 +156,64 @@ def test_ops_match_reference(shape, memory_format, dtype, tiling):
     ref_grad_in = reference.backward_elemt(dy, x, ref_mean32, ref_invstd, weight, ref_sums, count)
     # float32: dx is a difference of O(1) terms, so compare with an absolute floor as well.
     torch.testing.assert_close(grad_in, ref_grad_in, rtol=rtol, atol=max(atol, 1e-5))
+
+
+@pytest.mark.parametrize("shape, memory_format", CASES)
+def test_fused_ops_match_their_parts(shape, memory_format, tiling):
+    """``finalize_normalize`` and ``backward_reduce_affine`` (one launch each, what the layer
+    calls) give bit for bit what the separate kernels give: mean, invstd, running statistics
+    (each channel updated once, by exactly one program), output, sums, weight and bias grads."""
+    # Which program finalizes a channel depends on the layout and the tiling, not the dtype:
+    # one dtype per case keeps the interpreter's time down.
+    dtype = torch.float32 if memory_format is None else torch.bfloat16
+    if DEVICE.type == "cuda" and tiling != "default-tiles" and dtype != torch.bfloat16:
+        pytest.skip("on CUDA the shrunk tilings run in bfloat16 only: every tile shape is a compile")
+    x = make_input(shape, dtype, memory_format)
+    channels = shape[1]
+    stats = triton_ops.local_stats(x)
+    weight = torch.randn(channels, device=DEVICE)
+    bias = torch.randn(channels, device=DEVICE)
+    running = [torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE) + 0.5]
+    parts_running = [t.clone() for t in running]
+    y, mean, invstd = triton_ops.finalize_normalize(x, stats, 1e-5, weight, bias, *running, 0.1)
+    parts_mean, parts_invstd = triton_ops.finalize(stats, 1e-5, *parts_running, 0.1, torch.float32)
+    assert torch.equal(mean, parts_mean) and torch.equal(invstd, parts_invstd)
+    assert torch.equal(running[0], parts_running[0]) and torch.equal(running[1], parts_running[1])
+    assert_same_layout(y, x)
+    assert torch.equal(y, triton_ops.normalize(x, mean, invstd, weight, bias))
+
+    dy = randn_like(x, seed=1)
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(
+        dy, x, mean, invstd, torch.float32, torch.bfloat16
+    )
+    assert torch.equal(sums, triton_ops.backward_reduce(dy, x, mean))
+    assert grad_weight.dtype == torch.float32 and grad_bias.dtype == torch.bfloat16
+    assert torch.equal(grad_weight, sums[channels:] * invstd)
+    if DEVICE.type == "cuda":
+        assert torch.equal(grad_bias, sums[:channels].to(torch.bfloat16))
+    else:  # Triton's interpreter rounds float32 to bfloat16 toward zero, not to nearest
+        torch.testing.assert_close(grad_bias.float(), sums[:channels], rtol=2**-7, atol=0)
+    assert triton_ops.backward_reduce_affine(dy, x, mean, invstd, None, None)[1:] == (None, None)
+
+
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+def test_fused_forward_on_an_empty_rank_still_finalizes(momentum_kind):
+    # Another rank had the values: this one has none, but its running statistics and the
+    # mean/invstd its backward needs come from the same all-reduced statistics.
+    stats = reference.local_stats(make_input((4, 5, 3), torch.float32))
+    momentum = 0.1 if momentum_kind == "float" else torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
+    running = [torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)]
+    ref_running = [t.clone() for t in running]
+    x = torch.empty((0, 5, 3), device=DEVICE)
+    y, mean, invstd = triton_ops.finalize_normalize(x, stats, 1e-5, None, None, *running, momentum)
+    ref_y, ref_mean, ref_invstd = reference.finalize_normalize(x, stats, 1e-5, None, None, *ref_running, momentum)
+    assert y.shape == x.shape
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(invstd, ref_invstd, rtol=1e-6, atol=0)
+    for got, want in zip(running, ref_running):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(x, x, mean, invstd, torch.float32, torch.float32)
+    assert not sums.any() and not grad_weight.any() and not grad_bias.any()
 
 
 @pytest.mark.parametrize("running", ["buffers", "no-buffers", "half-buffers"])
@@ -302,6 +361,42 @@ def test_backend_selection(monkeypatch):
     assert backend_name(x.double()) == "torch"  # float64 always stays on the torch path
     monkeypatch.setenv("SYNCBN_BACKEND", "torch")
     assert backend_name(x.cuda() if torch.cuda.is_available() else x) == "torch"
+
+
+KERNEL_NAMES = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel", "_elemt_ncs_kernel", "_elemt_mc_kernel"]
+
+
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_six_launches_per_forward_and_backward(memory_format, monkeypatch):
+    """Host time per launch is what bounds eager speed on small layers: the layer's forward and
+    backward make three kernel launches each (reduce, merge, elementwise) and nothing else."""
+    launches = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches.append(self.name.split("_")[1])
+                return launch(*args, **kwargs)
+
+            return run
+
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(triton_ops, name, Counting(name, getattr(triton_ops, name)))
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    x = make_input((2, 3, 4, 4), torch.float32, memory_format).requires_grad_()
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(3, device=DEVICE, requires_grad=True)
+    running = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
+    y = sync_batch_norm(x, *running, weight, bias, training=True)
+    assert launches == ["reduce", "merge", "elemt"]
+    y.backward(torch.ones_like(y))
+    assert launches == ["reduce", "merge", "elemt"] * 2
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
 
 
 def test_import_syncbn_does_not_import_triton():

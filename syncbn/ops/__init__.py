@@ -1,8 +1,10 @@
 """Backend selection: which implementation of the local passes a tensor takes.
 
 Two backends share one interface (``local_stats``, ``forward_stats``, ``finalize``,
-``normalize``, ``backward_reduce``, ``backward_elemt``; ``forward_stats`` is ``local_stats`` plus
-an opaque scratch that ``normalize`` may write its output over): ``reference`` (torch ops; every CPU tensor) and
+``normalize``, ``finalize_normalize``, ``backward_reduce``, ``backward_reduce_affine``,
+``backward_elemt``; ``forward_stats`` is ``local_stats`` plus an opaque scratch that
+``normalize`` may write its output over; the two compound functions are what the layer calls,
+one launch each on the Triton side): ``reference`` (torch ops; every CPU tensor) and
 ``triton`` (GPU kernels; CUDA tensors of half and single precision, when Triton is importable).
 ``SYNCBN_BACKEND=torch`` forces the torch-ops path everywhere, which is how the GPU tests get a
 second opinion on the same device. ``SYNCBN_BACKEND=triton`` forces the Triton kernels for every

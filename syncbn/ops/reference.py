@@ -211,6 +211,22 @@ def normalize(
     return F.batch_norm(x, mean, one, scale, shift, False, 0.0, UNIT_EPS)
 
 
+def finalize_normalize(
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    scratch: Centred | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``finalize`` then ``normalize``: ``(output, mean, invstd)``, statistics in ``stat_dtype``."""
+    mean, invstd = finalize(stats, eps, running_mean, running_var, momentum, stat_dtype(x.dtype))
+    return normalize(x, mean, invstd, weight, bias, scratch), mean, invstd
+
+
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Local ``[sum(dy), sum(dy * (x - mean))]`` per channel, packed as 2C values of mean's dtype."""
     channels = x.shape[1]
@@ -228,6 +244,25 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
         grad_out, x, one, mean, one, None, None, False, UNIT_EPS, [False, True, True]
     )
     return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
+
+
+def backward_reduce_affine(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor | None,
+    weight_dtype: torch.dtype | None,
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(sums, grad_weight, grad_bias)``: ``backward_reduce`` plus the local weight and bias
+    gradients, ``sum_dy_xmu * invstd`` in ``weight_dtype`` and ``sum_dy`` in ``bias_dtype``
+    (None when the dtype is None). The gradients never share memory with ``sums``, which the
+    caller all-reduces in place."""
+    sums = backward_reduce(grad_out, x, mean)
+    channels = x.shape[1]
+    grad_weight = None if weight_dtype is None else (sums[channels:] * invstd).to(weight_dtype)
+    grad_bias = None if bias_dtype is None else sums[:channels].to(bias_dtype, copy=True)
+    return sums, grad_weight, grad_bias
 
 
 def backward_elemt(

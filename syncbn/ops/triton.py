@@ -1,6 +1,6 @@
 """The Triton backend: the four local passes of synchronized batch norm as GPU kernels.
 
-Same five functions, same signatures, as ``syncbn.ops.reference``; ``syncbn.ops.backend_for``
+Same functions, same signatures, as ``syncbn.ops.reference``; ``syncbn.ops.backend_for``
 sends CUDA tensors of float32, float16 and bfloat16 here (and, with ``SYNCBN_BACKEND=triton``,
 CPU tensors too, which Triton runs only under ``TRITON_INTERPRET=1``: that is how CI tests it).
 
@@ -15,18 +15,26 @@ copy this backend ever makes of an activation. ``grad_out`` that arrives in anot
 than the input is brought to the input's layout with one copy (an expanded gradient, as from
 ``y.sum().backward()``, is such a case).
 
-Passes and kernels (launches per call in brackets):
+Passes and kernels (launches per call in brackets). The layer calls ``forward_stats``,
+``finalize_normalize``, ``backward_reduce_affine`` and ``backward_elemt``: six launches per
+forward and backward, and no other device work but the two all-reduces and the allocations of
+the outputs and small buffers (eager speed on small layers is host time per launch).
 
-- ``local_stats`` [2]: ``_reduce_*_kernel`` splits every channel's ``N*S`` values over many
-  programs; each writes its tile's ``(mean - pivot, M2, pivot)`` in float32, accumulated as
-  sums of ``x - pivot`` and ``(x - pivot)**2`` with the pivot the mean of the program's first
-  step (so a mean of 1e4 with a std of 1 costs no digits). ``_merge_kernel`` merges the tiles per
-  channel with Chan's formula in float64 and writes the packed ``[sum, sum of squares, count]``.
-- ``finalize`` [1]: ``_finalize_kernel``, mean, invstd and the running-statistics lerp for all
-  channels, with a float or a 0-d device tensor momentum (never read on the host).
-- ``normalize`` [1]: ``_elemt_*_kernel``, ``y = (x - mean) * (invstd * w) + b``.
-- ``backward_reduce`` [2]: the same reduce and merge kernels summing ``dy`` and
-  ``dy * (x - mean)``.
+- ``local_stats`` / ``forward_stats`` [2]: ``_reduce_*_kernel`` splits every channel's ``N*S``
+  values over many programs; each writes its tile's ``(mean - pivot, M2, pivot)`` in float32,
+  accumulated as sums of ``x - pivot`` and ``(x - pivot)**2`` with the pivot the mean of the
+  program's first step (so a mean of 1e4 with a std of 1 costs no digits). ``_merge_kernel``
+  merges the tiles per channel with Chan's formula in float64 and writes the packed
+  ``[sum, sum of squares, count]``.
+- ``finalize_normalize`` [1]: ``_elemt_*_kernel`` with ``FROM_STATS``: every program turns the
+  all-reduced statistics of its channels into mean and invstd (float64 math, rounded to float32)
+  and writes ``y = (x - mean) * (invstd * w) + b``; the programs holding a channel's first block
+  also store its mean and invstd (saved for backward) and update its running statistics (the
+  lerp, with a float or a 0-d device tensor momentum, never read on the host).
+  ``finalize`` [1] (``_finalize_kernel``) and ``normalize`` [1] do the same in two launches;
+  the layer uses ``finalize`` alone on a rank with an empty batch.
+- ``backward_reduce_affine`` [2]: the same reduce and merge kernels summing ``dy`` and
+  ``dy * (x - mean)``; the merge also writes the weight and bias gradients.
 - ``backward_elemt`` [1]: ``_elemt_*_kernel`` again,
   ``dx = dy * k + (x - mean) * a + b`` with per-channel ``k, a, b`` formed in each program.
 
@@ -253,6 +261,9 @@ def _reduce_mc_kernel(
 def _merge_kernel(
     part_ptr,  # (3 or 2, C, T) float32 tile partials from a _reduce_*_kernel
     out_ptr,  # stats: (2C+1,) float64 [sum x, sum x^2, count]; GRAD: (2C,) [sum dy, sum dy_xmu]
+    invstd_ptr,  # (C,) global invstd (HAS_GRAD_WEIGHT)
+    grad_weight_ptr,  # (C,) out: sum dy_xmu * invstd (HAS_GRAD_WEIGHT)
+    grad_bias_ptr,  # (C,) out: sum dy (HAS_GRAD_BIAS)
     C,
     T,
     R,  # rows (N or M): with rows_per, S, cols_per, col_splits gives each tile's count
@@ -263,6 +274,8 @@ def _merge_kernel(
     BLOCK_CM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     GRAD: tl.constexpr,
+    HAS_GRAD_WEIGHT: tl.constexpr,
+    HAS_GRAD_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = pid * BLOCK_CM + tl.arange(0, BLOCK_CM)
@@ -300,8 +313,17 @@ def _merge_kernel(
             acc2 += m2_chunk + delta * delta * (n * n_chunk / n_new)
             n = n_new
     if GRAD:
-        tl.store(out_ptr + c, acc1, mask=c_mask)
-        tl.store(out_ptr + C + c, acc2, mask=c_mask)
+        # Rounded to the sums' dtype first: the weight and bias gradients are exactly those
+        # of the torch path, (sum dy_xmu * invstd) and sum dy in float32, cast to their dtype.
+        sum_dy = acc1.to(out_ptr.dtype.element_ty)
+        sum_dy_xmu = acc2.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + c, sum_dy, mask=c_mask)
+        tl.store(out_ptr + C + c, sum_dy_xmu, mask=c_mask)
+        if HAS_GRAD_WEIGHT:
+            invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+            tl.store(grad_weight_ptr + c, sum_dy_xmu * invstd, mask=c_mask)
+        if HAS_GRAD_BIAS:
+            tl.store(grad_bias_ptr + c, sum_dy, mask=c_mask)
     else:
         tl.store(out_ptr + c, n * acc1, mask=c_mask)
         tl.store(out_ptr + C + c, acc2 + n * acc1 * acc1, mask=c_mask)
@@ -309,9 +331,12 @@ def _merge_kernel(
             tl.store(out_ptr + 2 * C, tl.sum(tl.where(c == 0, n, 0.0), axis=0))
 
 
-@triton.jit(do_not_specialize=["C"])
-def _finalize_kernel(
+@triton.jit
+def _finalize_channels(
     stats_ptr,  # (2C+1,) float64 all-reduced [sum x, sum x^2, count]
+    c,
+    mask,  # channels to compute
+    write,  # channels whose mean, invstd and running statistics this program writes
     mean_ptr,  # (C,) out
     invstd_ptr,  # (C,) out
     running_mean_ptr,  # (C,) updated in place (HAS_RUNNING_MEAN)
@@ -320,22 +345,25 @@ def _finalize_kernel(
     momentum,  # float (not MOMENTUM_TENSOR)
     eps,
     C,
-    BLOCK: tl.constexpr,
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
     MOMENTUM_TENSOR: tl.constexpr,
 ):
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < C
+    """Global mean and invstd of channels ``c`` (float32) from the all-reduced statistics.
+
+    Channels in ``write`` also get their mean and invstd stored and their running statistics
+    updated: every channel must be in exactly one program's ``write``.
+    """
     n = tl.load(stats_ptr + 2 * C)
     mean = tl.load(stats_ptr + c, mask=mask, other=0.0) / n
     var = tl.load(stats_ptr + C + c, mask=mask, other=0.0) / n - mean * mean
     # Clamped at 0 with where, not tl.maximum: maximum(NaN, 0) is 0, and a NaN or inf in the
     # input must leave its channel's statistics NaN, as in nn.BatchNorm.
     var = tl.where(var < 0.0, 0.0, var)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(mean_ptr + c, mean, mask=mask)
-    tl.store(invstd_ptr + c, invstd, mask=mask)
+    mean32 = mean.to(tl.float32)
+    invstd32 = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    tl.store(mean_ptr + c, mean32, mask=write)
+    tl.store(invstd_ptr + c, invstd32, mask=write)
     if HAS_RUNNING_MEAN or HAS_RUNNING_VAR:
         if MOMENTUM_TENSOR:
             w = tl.load(momentum_ptr).to(tl.float32)
@@ -343,37 +371,60 @@ def _finalize_kernel(
             w = momentum
     # torch.lerp's formula (two branches), so that a weight of 1 gives exactly the new value.
     if HAS_RUNNING_MEAN:
-        old = tl.load(running_mean_ptr + c, mask=mask)
-        new = mean.to(tl.float32).to(old.dtype).to(tl.float32)
+        old = tl.load(running_mean_ptr + c, mask=write)
+        new = mean32.to(old.dtype).to(tl.float32)
         old = old.to(tl.float32)
         upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
-        tl.store(running_mean_ptr + c, upd, mask=mask)
+        tl.store(running_mean_ptr + c, upd, mask=write)
     if HAS_RUNNING_VAR:
-        old = tl.load(running_var_ptr + c, mask=mask)
+        old = tl.load(running_var_ptr + c, mask=write)
         new = (var * (n / (n - 1.0))).to(tl.float32).to(old.dtype).to(tl.float32)
         old = old.to(tl.float32)
         upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
-        tl.store(running_var_ptr + c, upd, mask=mask)
+        tl.store(running_var_ptr + c, upd, mask=write)
+    return mean32, invstd32
+
+
+@triton.jit(do_not_specialize=["C"])
+def _finalize_kernel(
+    stats_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum,
+    eps, C,
+    BLOCK: tl.constexpr, HAS_RUNNING_MEAN: tl.constexpr, HAS_RUNNING_VAR: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
+):  # fmt: skip
+    """``_finalize_channels`` for all channels, BLOCK per program (arguments as there)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < C
+    _finalize_channels(
+        stats_ptr, c, mask, mask, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+        momentum_ptr, momentum, eps, C, HAS_RUNNING_MEAN, HAS_RUNNING_VAR, MOMENTUM_TENSOR,
+    )  # fmt: skip
 
 
 @triton.jit
 def _channel_coefs(
-    c,
-    mask,
-    mean_ptr,
-    invstd_ptr,
-    weight_ptr,
-    bias_ptr,
-    sums_ptr,
-    count_ptr,
+    c, mask, leader,
+    mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr,
+    stats_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum, eps,
     C,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BACKWARD: tl.constexpr,
-):
-    """Per-channel (mean, a, b, k) with out = (x - mean) * a + b [+ dy * k], all float32."""
-    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BACKWARD: tl.constexpr,
+    FROM_STATS: tl.constexpr, HAS_RUNNING_MEAN: tl.constexpr, HAS_RUNNING_VAR: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
+):  # fmt: skip
+    """Per-channel (mean, a, b, k) with out = (x - mean) * a + b [+ dy * k], all float32.
+
+    ``FROM_STATS`` (forward): mean and invstd come from the all-reduced statistics, and the
+    channels in ``leader`` are finalized by this program (mean, invstd, running statistics
+    written), which saves a launch; otherwise they are loaded from ``mean_ptr``, ``invstd_ptr``.
+    """
+    if FROM_STATS:
+        mean, invstd = _finalize_channels(
+            stats_ptr, c, mask, leader, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr,
+            momentum_ptr, momentum, eps, C, HAS_RUNNING_MEAN, HAS_RUNNING_VAR, MOMENTUM_TENSOR,
+        )  # fmt: skip
+    else:
+        mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         scale = invstd * tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -398,12 +449,18 @@ def _elemt_ncs_kernel(
     x_ptr,  # (N, C, S) contiguous input
     dy_ptr,  # (N, C, S) contiguous grad_out (BACKWARD only)
     out_ptr,  # (N, C, S) contiguous out: y, or grad_input (BACKWARD)
-    mean_ptr,  # (C,)
-    invstd_ptr,  # (C,)
+    mean_ptr,  # (C,) in; out when FROM_STATS
+    invstd_ptr,  # (C,) in; out when FROM_STATS
     weight_ptr,  # (C,) (HAS_WEIGHT)
     bias_ptr,  # (C,) (HAS_BIAS, forward only)
     sums_ptr,  # (2C,) global [sum dy, sum dy_xmu] (BACKWARD)
     count_ptr,  # 0-d float64 global count (BACKWARD)
+    stats_ptr,  # (2C+1,) float64 all-reduced statistics (FROM_STATS)
+    running_mean_ptr,  # (C,) (FROM_STATS and HAS_RUNNING_MEAN)
+    running_var_ptr,  # (C,) (FROM_STATS and HAS_RUNNING_VAR)
+    momentum_ptr,  # 0-d (FROM_STATS and MOMENTUM_TENSOR)
+    momentum,
+    eps,
     R,  # N * C rows of S values
     C,
     S,
@@ -413,20 +470,28 @@ def _elemt_ncs_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    FROM_STATS: tl.constexpr,
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rb = pid // s_blocks
     sb = pid % s_blocks
     r0 = rb * BLOCK_R
-    r_local = tl.arange(0, BLOCK_R)
-    r_mask = (r0 + r_local) < R
+    r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = r < R
     s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     mask = r_mask[:, None] & (s < S)[None, :]
+    # Rows r < C are sample 0 of channel r: the first S block of each finalizes that channel.
+    leader = r_mask & (r < C) & ((r * 0 + sb) == 0)  # a block-shaped mask (the interpreter wants one)
     mean, a, b, k = _channel_coefs(
-        (r0 + r_local) % C, r_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr,
-        count_ptr, C, HAS_WEIGHT, HAS_BIAS, BACKWARD,
-    )
-    offs = r0.to(tl.int64) * S + (r_local[:, None] * S + s[None, :])
+        r % C, r_mask, leader, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr,
+        stats_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum, eps, C,
+        HAS_WEIGHT, HAS_BIAS, BACKWARD, FROM_STATS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR,
+        MOMENTUM_TENSOR,
+    )  # fmt: skip
+    offs = r0.to(tl.int64) * S + ((r - r0)[:, None] * S + s[None, :])
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = (x - mean[:, None]) * a[:, None] + b[:, None]
     if BACKWARD:
@@ -440,12 +505,18 @@ def _elemt_mc_kernel(
     x_ptr,  # (M, C) row-major input
     dy_ptr,  # (M, C) row-major grad_out (BACKWARD only)
     out_ptr,  # (M, C) row-major out
-    mean_ptr,  # (C,)
-    invstd_ptr,  # (C,)
-    weight_ptr,  # (C,) (HAS_WEIGHT)
-    bias_ptr,  # (C,) (HAS_BIAS, forward only)
-    sums_ptr,  # (2C,) global [sum dy, sum dy_xmu] (BACKWARD)
-    count_ptr,  # 0-d float64 global count (BACKWARD)
+    mean_ptr,  # the per-channel arguments as in _elemt_ncs_kernel
+    invstd_ptr,
+    weight_ptr,
+    bias_ptr,
+    sums_ptr,
+    count_ptr,
+    stats_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    momentum_ptr,
+    momentum,
+    eps,
     M,
     C,
     c_blocks,  # cdiv(C, BLOCK_C)
@@ -454,6 +525,10 @@ def _elemt_mc_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    FROM_STATS: tl.constexpr,
+    HAS_RUNNING_MEAN: tl.constexpr,
+    HAS_RUNNING_VAR: tl.constexpr,
+    MOMENTUM_TENSOR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     mb = pid // c_blocks
@@ -464,9 +539,11 @@ def _elemt_mc_kernel(
     c_mask = c < C
     mask = ((m0 + m_local) < M)[:, None] & c_mask[None, :]
     mean, a, b, k = _channel_coefs(
-        c, c_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr, C,
-        HAS_WEIGHT, HAS_BIAS, BACKWARD,
-    )
+        c, c_mask, c_mask & ((c * 0 + mb) == 0), mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr,
+        count_ptr, stats_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum, eps, C,
+        HAS_WEIGHT, HAS_BIAS, BACKWARD, FROM_STATS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR,
+        MOMENTUM_TENSOR,
+    )  # fmt: skip
     offs = m0.to(tl.int64) * C + (m_local[:, None] * C + c[None, :])
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = (x - mean[None, :]) * a[None, :] + b[None, :]
@@ -516,6 +593,15 @@ def _sm_count(device: torch.device) -> int:
     return _device_sm_count(index)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: a Triton constexpr function, microseconds per call from Python.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _pow2s(lo: int, hi: int) -> list[int]:
     """Powers of two from ``hi`` down to ``lo`` (both powers of two)."""
     out = []
@@ -526,7 +612,7 @@ def _pow2s(lo: int, hi: int) -> list[int]:
 
 
 def _padded(n: int, block: int) -> int:
-    return triton.cdiv(n, block) * block
+    return _cdiv(n, block) * block
 
 
 def _s_block(s: int, tile: int) -> int:
@@ -536,7 +622,7 @@ def _s_block(s: int, tile: int) -> int:
     that rows split into few, nearly full blocks; failing that, one block covering the whole row
     (small S such as 49 or 196: masked lanes cost issue slots, not memory traffic).
     """
-    full = min(triton.next_power_of_2(s), tile)
+    full = min(_next_pow2(s), tile)
     for p in _pow2s(min(128, full), full):
         if _padded(s, p) * 32 <= s * 33:
             return p
@@ -548,7 +634,7 @@ def _c_block(c: int) -> int:
     cands = _pow2s(16, 256)
     best = min(_padded(c, p) for p in cands)
     widest = max(p for p in cands if _padded(c, p) * 8 <= best * 9)
-    return min(widest, triton.next_power_of_2(c))
+    return min(widest, _next_pow2(c))
 
 
 @dataclass(frozen=True)
@@ -561,22 +647,23 @@ class _View:
     inner: int  # S (ncs) or 1 (mc)
 
 
-def _classify(x: torch.Tensor) -> tuple[torch.Tensor, _View]:
-    """The tensor to read (``x`` itself unless its strides fit neither layout) and its view."""
+def _classify(x: torch.Tensor) -> _View | None:
+    """How ``x``'s memory is walked, or None when its strides fit neither layout."""
     n, c = x.shape[0], x.shape[1]
     s = math.prod(x.shape[2:])
     if x.is_contiguous():
         if s == 1:
-            return x, _View("mc", n, c, 1)
-        return x, _View("ncs", n, c, s)
+            return _View("mc", n, c, 1)
+        return _View("ncs", n, c, s)
     if x.movedim(1, -1).is_contiguous():
-        return x, _View("mc", n * s, c, 1)
-    # Arbitrary strides (a slice, a transpose): one copy, then contiguous rules apply.
-    return _classify(x.contiguous())
+        return _View("mc", n * s, c, 1)
+    return None
 
 
-def _match_layout(t: torch.Tensor, view: _View) -> torch.Tensor:
-    """``t`` (same shape as the input) laid out as ``view`` says, copied only if it is not."""
+def _match_layout(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
+    """``t`` (same shape as the dense ``x``) laid out as ``view`` says, copied only if it is not."""
+    if t.stride() == x.stride():
+        return t
     if view.kind == "ncs":
         return t if t.is_contiguous() else t.contiguous()
     if t.movedim(1, -1).is_contiguous():
@@ -622,18 +709,18 @@ def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _Red
         if view.inner % 16:  # rows not 16-aligned: scalar loads, a register each (half the tile)
             tile = max(16, tile // 2)
         block_s = _s_block(view.inner, tile)
-        chunks = triton.cdiv(view.inner, block_s)  # steps per sample
-        block_c = max(1, min(tile // block_s, triton.next_power_of_2(view.channels)))
+        chunks = _cdiv(view.inner, block_s)  # steps per sample
+        block_c = max(1, min(tile // block_s, _next_pow2(view.channels)))
         while True:
-            c_blocks = triton.cdiv(view.channels, block_c)
+            c_blocks = _cdiv(view.channels, block_c)
             steps = max(1, (c_blocks * view.rows * chunks) // want)
-            steps = max(steps, triton.cdiv(view.rows * chunks, t_cap))
+            steps = max(steps, _cdiv(view.rows * chunks, t_cap))
             if steps >= chunks:  # whole samples per tile
                 rows_per, cols_per = steps // chunks, view.inner
             else:
                 rows_per, cols_per = 1, steps * block_s
-            col_splits = triton.cdiv(view.inner, cols_per)
-            tiles = triton.cdiv(view.rows, rows_per) * col_splits
+            col_splits = _cdiv(view.inner, cols_per)
+            tiles = _cdiv(view.rows, rows_per) * col_splits
             if 2 * c_blocks * tiles >= want or block_c == 1:
                 break
             block_c //= 2
@@ -641,21 +728,21 @@ def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _Red
     else:
         block_c = _c_block(view.channels)
         while True:
-            block_m = max(1, min(tile // block_c, triton.next_power_of_2(view.rows)))
-            c_blocks = triton.cdiv(view.channels, block_c)
-            m_blocks = triton.cdiv(view.rows, block_m)
-            steps = max(1, (c_blocks * m_blocks) // want, triton.cdiv(m_blocks, t_cap))
+            block_m = max(1, min(tile // block_c, _next_pow2(view.rows)))
+            c_blocks = _cdiv(view.channels, block_c)
+            m_blocks = _cdiv(view.rows, block_m)
+            steps = max(1, (c_blocks * m_blocks) // want, _cdiv(m_blocks, t_cap))
             rows_per, cols_per, col_splits = steps * block_m, 1, 1
-            tiles = triton.cdiv(view.rows, rows_per)
+            tiles = _cdiv(view.rows, rows_per)
             # Narrower than 32 channels, rows become short scattered segments.
             if 2 * c_blocks * tiles >= want or block_c <= 32:
                 break
             block_c //= 2
         block_a, block_b = block_m, block_c
-    merge_block_t = min(triton.next_power_of_2(tiles), tuning.merge_step)
+    merge_block_t = min(_next_pow2(tiles), tuning.merge_step)
     # 1024 float64 values per array per step (8 per thread: no spills), at most 64 channels per
     # program (C / 64 programs at least).
-    merge_block_c = max(1, min(1024 // merge_block_t, 64, triton.next_power_of_2(view.channels)))
+    merge_block_c = max(1, min(1024 // merge_block_t, 64, _next_pow2(view.channels)))
     return _ReduceConfig(
         block_a, block_b, c_blocks, rows_per, cols_per, col_splits, tiles,
         grid=c_blocks * tiles, num_warps=8 if block_a * block_b >= 2048 else 4,
@@ -680,13 +767,13 @@ def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
     if view.kind == "ncs":
         block_b = _s_block(view.inner, tile)
         rows = view.rows * view.channels
-        b_blocks = triton.cdiv(view.inner, block_b)
+        b_blocks = _cdiv(view.inner, block_b)
     else:
         block_b = _c_block(view.channels)
         rows = view.rows
-        b_blocks = triton.cdiv(view.channels, block_b)
-    block_a = max(1, min(tile // block_b, triton.next_power_of_2(rows)))
-    grid = triton.cdiv(rows, block_a) * b_blocks
+        b_blocks = _cdiv(view.channels, block_b)
+    block_a = max(1, min(tile // block_b, _next_pow2(rows)))
+    grid = _cdiv(rows, block_a) * b_blocks
     # Rows of S not a multiple of 16 (49, 196) cannot be loaded as vectors, and every thread then
     # holds values and coefficients of many rows: 8 warps halve the registers per thread (with
     # 4 warps the compiler reports 190-255 registers and spills).
@@ -694,14 +781,55 @@ def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
     return _ElemtConfig(block_a, block_b, b_blocks, grid, num_warps)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What an input's shape, strides, dtype and device decide: worked out once, then cached."""
+
+    view: _View
+    dense: bool  # False: the strides fit neither layout, the passes read ``x.contiguous()``
+    reduce: _ReduceConfig
+    elemt: _ElemtConfig
+
+
+_plans: tuple[Tuning, dict] = (TUNING, {})
+
+
+def _plan(x: torch.Tensor) -> _Plan:
+    """``x``'s plan: one dictionary lookup per pass once a shape has been seen."""
+    global _plans
+    tuning, cache = _plans
+    if tuning is not TUNING:  # tests swap the launch rules
+        tuning, cache = _plans = TUNING, {}
+    key = (x.shape, x.stride(), x.dtype, x.device)
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) >= 4096:
+            cache.clear()
+        view = _classify(x)
+        dense = view is not None
+        if not dense:  # read as a contiguous copy: the contiguous rules apply
+            s = math.prod(x.shape[2:])
+            view = _View("mc", x.shape[0], x.shape[1], 1) if s == 1 else _View("ncs", x.shape[0], x.shape[1], s)
+        itemsize = x.element_size()
+        reduce = _reduce_config(view, itemsize, _sm_count(x.device), tuning)
+        plan = cache[key] = _Plan(view, dense, reduce, _elemt_config(view, itemsize, tuning))
+    return plan
+
+
+def _dense(x: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
+    """The tensor the kernels read (``x`` unless its strides fit no layout) and its plan."""
+    plan = _plan(x)
+    return (x, plan) if plan.dense else (x.contiguous(), plan)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers: the backend interface (see syncbn.ops.reference for the contract of each)
 # ----------------------------------------------------------------------------------------------
 
 
-def _reduce(x: torch.Tensor, view: _View, dy: torch.Tensor | None, mean: torch.Tensor | None):
-    """Launch a reduce kernel; returns the (3 or 2, C, T) partials and the config."""
-    cfg = _reduce_config(view, x.element_size(), _sm_count(x.device), TUNING)
+def _reduce(x: torch.Tensor, plan: _Plan, dy: torch.Tensor | None, mean: torch.Tensor | None):
+    """Launch a reduce kernel; returns the (3 or 2, C, T) partials."""
+    view, cfg = plan.view, plan.reduce
     grad = dy is not None
     slots = 2 if grad else 3
     part = torch.empty((slots, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
@@ -719,15 +847,29 @@ def _reduce(x: torch.Tensor, view: _View, dy: torch.Tensor | None, mean: torch.T
             cfg.tiles, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, GRAD=grad,
             num_warps=cfg.num_warps,
         )  # fmt: skip
-    return part, cfg
+    return part
 
 
-def _merge(part: torch.Tensor, out: torch.Tensor, view: _View, cfg: _ReduceConfig, grad: bool):
-    grid = (triton.cdiv(view.channels, cfg.merge_block_c),)
+def _merge(
+    part: torch.Tensor,
+    out: torch.Tensor,
+    plan: _Plan,
+    grad: bool,
+    invstd: torch.Tensor | None = None,
+    grad_weight: torch.Tensor | None = None,
+    grad_bias: torch.Tensor | None = None,
+):
+    view, cfg = plan.view, plan.reduce
+    grid = (_cdiv(view.channels, cfg.merge_block_c),)
     _merge_kernel[grid](
-        part, out, view.channels, cfg.tiles, view.rows, cfg.rows_per, view.inner, cfg.cols_per,
-        cfg.col_splits, BLOCK_CM=cfg.merge_block_c,
-        BLOCK_T=cfg.merge_block_t, GRAD=grad, num_warps=cfg.merge_warps,
+        part, out,
+        invstd if grad_weight is not None else out,
+        grad_weight if grad_weight is not None else out,
+        grad_bias if grad_bias is not None else out,
+        view.channels, cfg.tiles, view.rows, cfg.rows_per, view.inner, cfg.cols_per,
+        cfg.col_splits, BLOCK_CM=cfg.merge_block_c, BLOCK_T=cfg.merge_block_t, GRAD=grad,
+        HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
+        num_warps=cfg.merge_warps,
     )  # fmt: skip
 
 
@@ -740,11 +882,32 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
-    x, view = _classify(x)
-    part, cfg = _reduce(x, view, None, None)
+    x, plan = _dense(x)
+    part = _reduce(x, plan, None, None)
     packed = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
-    _merge(part, packed, view, cfg, grad=False)
+    _merge(part, packed, plan, grad=False)
     return packed
+
+
+def _running_args(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    placeholder: torch.Tensor,
+) -> tuple[tuple, dict]:
+    """Kernel arguments (pointers, momentum) and flags of the running-statistics update."""
+    momentum_tensor = isinstance(momentum, torch.Tensor)
+    args = (
+        running_mean if running_mean is not None else placeholder,
+        running_var if running_var is not None else placeholder,
+        momentum if momentum_tensor else placeholder,
+        0.0 if momentum_tensor else float(momentum),
+    )  # fmt: skip
+    flags = dict(
+        HAS_RUNNING_MEAN=running_mean is not None, HAS_RUNNING_VAR=running_var is not None,
+        MOMENTUM_TENSOR=momentum_tensor,
+    )  # fmt: skip
+    return args, flags
 
 
 def finalize(
@@ -759,18 +922,11 @@ def finalize(
     channels = (stats.numel() - 1) // 2
     out = torch.empty((2, channels), dtype=dtype, device=stats.device)
     mean, invstd = out[0], out[1]
-    momentum_tensor = isinstance(momentum, torch.Tensor)
-    block = min(1024, triton.next_power_of_2(max(channels, 1)))
-    _finalize_kernel[(triton.cdiv(channels, block),)](
-        stats, mean, invstd,
-        running_mean if running_mean is not None else mean,
-        running_var if running_var is not None else invstd,
-        momentum if momentum_tensor else stats,
-        0.0 if momentum_tensor else float(momentum),
-        float(eps), channels, BLOCK=block,
-        HAS_RUNNING_MEAN=running_mean is not None, HAS_RUNNING_VAR=running_var is not None,
-        MOMENTUM_TENSOR=momentum_tensor, num_warps=4,
-    )  # fmt: skip
+    running, flags = _running_args(running_mean, running_var, momentum, mean)
+    block = min(1024, _next_pow2(max(channels, 1)))
+    _finalize_kernel[(_cdiv(channels, block),)](
+        stats, mean, invstd, *running, float(eps), channels, BLOCK=block, num_warps=4, **flags
+    )
     return mean, invstd
 
 
@@ -781,23 +937,37 @@ def _elemt(
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    sums: torch.Tensor | None,
-    count: torch.Tensor | None,
+    sums: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    running: tuple = (),
+    running_flags: dict | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
-    x, view = _classify(x)
+    """One elementwise pass: normalize (``dy`` None) or the input gradient.
+
+    With ``stats`` (forward only), mean and invstd are outputs: the kernel finalizes them from
+    the all-reduced statistics and updates the running buffers (``running``, from
+    ``_running_args``) on the way.
+    """
+    x, plan = _dense(x)
+    view, cfg = plan.view, plan.elemt
     backward = dy is not None
     if backward:
-        dy = _match_layout(dy, view)
+        dy = _match_layout(dy, x, view)
     out = torch.empty_like(x)  # x is dense here: same strides, same view
-    cfg = _elemt_config(view, x.element_size(), TUNING)
+    from_stats = stats is not None
+    if not from_stats:
+        running, running_flags = _running_args(None, None, 0.0, mean)
     args = (
         x, dy if backward else x, out, mean, invstd,
         weight if weight is not None else mean, bias if bias is not None else mean,
         sums if backward else mean, count if backward else mean,
+        stats if from_stats else mean, *running, float(eps),
     )  # fmt: skip
     flags = dict(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not backward,
-        BACKWARD=backward, num_warps=cfg.num_warps,
+        BACKWARD=backward, FROM_STATS=from_stats, num_warps=cfg.num_warps, **running_flags,
     )  # fmt: skip
     if view.kind == "ncs":
         _elemt_ncs_kernel[(cfg.grid,)](
@@ -828,20 +998,68 @@ def normalize(
     """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _elemt(x, None, mean, invstd, weight, bias, None, None)
+    return _elemt(x, None, mean, invstd, weight, bias)
+
+
+def finalize_normalize(
+    x: torch.Tensor,
+    stats: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float | torch.Tensor,
+    scratch: None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``finalize`` then ``normalize`` in one launch: ``(output, mean, invstd)``.
+
+    The normalize kernel computes each channel's mean and invstd from ``stats`` itself; the
+    programs that hold a channel's first block also store them and update its running
+    statistics. A rank with an empty batch (the others had values) only finalizes.
+    """
+    if x.numel() == 0:
+        mean, invstd = finalize(stats, eps, running_mean, running_var, momentum, torch.float32)
+        return torch.empty_like(x), mean, invstd
+    mean_invstd = torch.empty((2, x.shape[1]), dtype=torch.float32, device=x.device)
+    mean, invstd = mean_invstd[0], mean_invstd[1]
+    running, flags = _running_args(running_mean, running_var, momentum, mean)
+    out = _elemt(x, None, mean, invstd, weight, bias, stats=stats, running=running, running_flags=flags, eps=eps)
+    return out, mean, invstd
 
 
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Local ``[sum(dy), sum(dy * (x - mean))]`` per channel, 2C values of mean's dtype."""
+    return backward_reduce_affine(grad_out, x, mean, None, None, None)[0]
+
+
+def backward_reduce_affine(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor | None,
+    weight_dtype: torch.dtype | None,
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``backward_reduce`` plus the weight and bias gradients, written by the same merge launch.
+
+    ``(sums, grad_weight, grad_bias)``: ``grad_weight = sum_dy_xmu * invstd`` in
+    ``weight_dtype`` and ``grad_bias = sum_dy`` in ``bias_dtype``, each None when its dtype is.
+    """
     channels = x.shape[1]
+    grad_weight = None if weight_dtype is None else torch.empty(channels, dtype=weight_dtype, device=x.device)
+    grad_bias = None if bias_dtype is None else torch.empty(channels, dtype=bias_dtype, device=x.device)
     if x.numel() == 0:
-        return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device)
-    x, view = _classify(x)
-    dy = _match_layout(grad_out, view)
-    part, cfg = _reduce(x, view, dy, mean)
+        for g in (grad_weight, grad_bias):
+            if g is not None:
+                g.zero_()
+        return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device), grad_weight, grad_bias
+    x, plan = _dense(x)
+    dy = _match_layout(grad_out, x, plan.view)
+    part = _reduce(x, plan, dy, mean)
     sums = torch.empty(2 * channels, dtype=mean.dtype, device=x.device)
-    _merge(part, sums, view, cfg, grad=True)
-    return sums
+    _merge(part, sums, plan, True, invstd, grad_weight, grad_bias)
+    return sums, grad_weight, grad_bias
 
 
 def backward_elemt(
