@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import inspect
 import json
 import math
@@ -90,7 +91,7 @@ def measure_copy_rate(warmup, rep):
     n = 2**28  # 1 GiB of float32 each way
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), warmup, rep)[0]
+    ms = bench(functools.partial(dst.copy_, src), warmup, rep)[0]
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 4 / (ms * 1e-3)
