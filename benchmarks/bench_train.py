@@ -5,10 +5,12 @@
 GPU (one device): a ResNet-50 (torchvision's when installed, else the one below, same layers)
 trained with SGD, at batch 64 with bf16 autocast and channels_last, and at batch 32 in float32.
 BatchNorm choices: ``syncbn`` on its synced path (a 1-process NCCL group with
-``SYNCBN_ALWAYS_SYNC=1``, both all-reduces per layer run), torch's SyncBN synced path (its
-autograd Function forced at world size 1, where ``torch.nn.SyncBatchNorm`` itself would skip
-it), and plain ``nn.BatchNorm2d``. Step time: CUDA events around whole steps, median of
-several timed blocks after warm-up.
+``SYNCBN_ALWAYS_SYNC=1``, both all-reduces per layer run), the same with
+``SYNCBN_TRITON_FAST_LAUNCH=1`` (compiled kernels relaunched directly; ``--no-fast-launch``
+leaves it out), torch's SyncBN synced path (its autograd Function forced at world size 1, where
+``torch.nn.SyncBatchNorm`` itself would skip it), and plain ``nn.BatchNorm2d``. Step time: CUDA
+events around blocks of steps, median over blocks, the blocks of the choices interleaved.
+``--smoke`` runs this code on CPU at toy size (tests/test_benchmarks.py does).
 
 CPU: a small CNN on 2 gloo processes (one thread each), batch 16 per rank, syncbn against
 local ``nn.BatchNorm2d`` (what synchronization costs on a CPU cluster).
@@ -19,6 +21,8 @@ Writes ``benchmarks/results/train-<device>.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import re
 import statistics
@@ -139,68 +143,118 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
 # GPU: ResNet-50 on one device
 
 
-def gpu_step_time(choice: str, batch: int, bf16: bool, args: argparse.Namespace) -> float:
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = with_bn(resnet50(), choice).to(device)
+GPU_CHOICES = ("batchnorm", "syncbn", "syncbn-fast-launch", "torch-syncbn")
+GPU_CONFIGS = ((64, True), (32, False))  # (batch, bf16 autocast + channels_last)
+FAST_LAUNCH_ENV = "SYNCBN_TRITON_FAST_LAUNCH"
+HEADERS = {"batchnorm": "BatchNorm2d", "syncbn": "syncbn", "syncbn-fast-launch": "syncbn, fast launch",
+           "torch-syncbn": "torch SyncBN path"}  # fmt: skip
+
+
+@contextlib.contextmanager
+def launch_mode(choice: str):
+    """syncbn's Triton launches: the fast path for "syncbn-fast-launch", Triton's own otherwise."""
+    saved = os.environ.get(FAST_LAUNCH_ENV)
+    os.environ[FAST_LAUNCH_ENV] = "1" if choice == "syncbn-fast-launch" else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FAST_LAUNCH_ENV, None)
+        else:
+            os.environ[FAST_LAUNCH_ENV] = saved
+
+
+def gpu_step_times(
+    batch: int, bf16: bool, choices: tuple[str, ...], args: argparse.Namespace, device: torch.device, image: int = 224
+) -> dict[str, float]:
+    """Median ms per training step of each choice; timed blocks interleaved across the choices,
+    so that clock and thermal drift fall on all of them alike. (``device`` is the CPU only in
+    the ``--smoke`` run that tests this code.)"""
     fmt = torch.channels_last if bf16 else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=fmt)
-    target = torch.randint(0, 1000, (batch,), device=device)
-
-    def step() -> None:
-        train_step(model, opt, x, target, bf16)
-
-    for _ in range(args.warmup):
-        step()
-    times = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, image, image, device=device, generator=gen).contiguous(memory_format=fmt)
+    target = torch.randint(0, 1000, (batch,), device=device, generator=gen)
+    steps = {}
+    for choice in choices:
+        torch.manual_seed(0)
+        model = with_bn(resnet50(), "syncbn" if choice.startswith("syncbn") else choice)
+        model = model.to(device, memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        steps[choice] = functools.partial(train_step, model, opt, x, target, bf16)
+        with launch_mode(choice):
+            for _ in range(args.warmup):  # compiles syncbn's kernels for every layer shape
+                steps[choice]()
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {c: [] for c in choices}
     for _ in range(args.blocks):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / args.steps)
-    return statistics.median(times)
+        for choice in choices:
+            with launch_mode(choice):
+                if cuda:
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    steps[choice]()
+                if cuda:
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                else:
+                    ms = (time.perf_counter() - t0) * 1e3
+            times[choice].append(ms / args.steps)
+    return {c: statistics.median(v) for c, v in times.items()}
 
 
 def run_gpu(args: argparse.Namespace) -> None:
+    """The ResNet-50 comparison on one GPU; with ``--smoke``, the same code on the CPU at toy
+    size (2 images of 32x32, gloo, without torch's SyncBN path: it has no CPU kernels)."""
     os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
     tmp = tempfile.mkdtemp()
-    dist.init_process_group("nccl", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dist.init_process_group("gloo" if args.smoke else "nccl", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+    choices = tuple(
+        c for c in GPU_CHOICES
+        if not (args.no_fast_launch and c == "syncbn-fast-launch") and not (args.smoke and c == "torch-syncbn")
+    )  # fmt: skip
+    configs = [(2, bf16) for _, bf16 in GPU_CONFIGS] if args.smoke else GPU_CONFIGS
+    image = 32 if args.smoke else 224
     rows = []
-    for batch, bf16, label in ((64, True, "batch 64, bf16 autocast, channels_last"), (32, False, "batch 32, float32")):
-        row = {"config": label}
-        for choice in ("batchnorm", "syncbn", "torch-syncbn"):
-            row[choice] = gpu_step_time(choice, batch, bf16, args)
-            print(f"{label:<40} {choice:<13} {row[choice]:8.2f} ms/step", flush=True)
+    for i, (batch, bf16) in enumerate(configs, 1):
+        label = f"batch {batch}, " + ("bf16 autocast, channels_last" if bf16 else "float32")
+        print(f"[{i}/{len(configs)}] {label}: {', '.join(choices)} ...", flush=True)
+        row = {"config": label, **gpu_step_times(batch, bf16, choices, args, device, image)}
+        for choice in choices:
+            print(f"    {choice:<20} {row[choice]:8.2f} ms/step  ({row[choice] / row['batchnorm']:.3f}x BatchNorm2d)", flush=True)
         rows.append(row)
     dist.destroy_process_group()
-    name = "train-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    device_name = "smoke test on CPU" if args.smoke else torch.cuda.get_device_name()
+    name = "train-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     m = meta(triton=_triton_version(), cuda=torch.version.cuda)
+    others = [c for c in choices if c != "batchnorm"]
     lines = [
-        f"# ResNet-50 training step on {torch.cuda.get_device_name()}",
+        f"# ResNet-50 training step on {device_name}",
         "",
         f"{meta_line(m)} CUDA {m['cuda']}, Triton {m['triton']}. Reproduce: `python benchmarks/bench_train.py`.",
         "",
-        "SGD step (forward, backward, optimizer) of a ResNet-50 at 224x224, median ms per step. "
+        f"SGD step (forward, backward, optimizer) of a ResNet-50 at {image}x{image}, median ms per step "
+        f"over {args.blocks} blocks of {args.steps} steps, blocks interleaved across the choices. "
         "syncbn and torch SyncBN run their synced paths at world size 1 (both collectives per "
-        "layer, NCCL); BatchNorm is plain nn.BatchNorm2d. Targets: syncbn within 5% of "
-        "BatchNorm, and faster than it in bf16.",
+        "layer, NCCL); BatchNorm2d is plain nn.BatchNorm2d; \"fast launch\" is syncbn with "
+        f"`{FAST_LAUNCH_ENV}=1`. Targets: syncbn within 5% of BatchNorm2d, and faster than it in bf16.",
         "",
-        "| config | BatchNorm2d (ms) | syncbn (ms) | torch SyncBN path (ms) | syncbn / BatchNorm | torch SyncBN / BatchNorm |",
-        "|---|---|---|---|---|---|",
+        "| config | " + " | ".join(f"{HEADERS[c]} (ms)" for c in choices) + " | "
+        + " | ".join(f"{HEADERS[c]} / BatchNorm2d" for c in others) + " |",
+        "|---" * (1 + len(choices) + len(others)) + "|",
     ]
     lines += [
-        f"| {r['config']} | {r['batchnorm']:.2f} | {r['syncbn']:.2f} | {r['torch-syncbn']:.2f} | "
-        f"{r['syncbn'] / r['batchnorm']:.2f}x | {r['torch-syncbn'] / r['batchnorm']:.2f}x |"
+        f"| {r['config']} | " + " | ".join(f"{r[c]:.2f}" for c in choices) + " | "
+        + " | ".join(f"{r[c] / r['batchnorm']:.3f}x" for c in others) + " |"
         for r in rows
     ]
     lines.append(f"\n![step time]({name}.png)")
     write_results(name, m, rows, lines, args.out)
-    plot(rows, ("batchnorm", "syncbn", "torch-syncbn"), args.out / f"{name}.png", "ms per step", meta_line(m))
+    plot(rows, choices, args.out / f"{name}.png", "ms per step", meta_line(m))
     print(f"wrote {args.out / (name + '.md')}")
 
 
@@ -292,13 +346,15 @@ def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, ti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU benchmark even when CUDA is present")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--no-fast-launch", action="store_true", help="GPU: leave out syncbn with SYNCBN_TRITON_FAST_LAUNCH=1")
+    parser.add_argument("--smoke", action="store_true", help="the GPU benchmark's code on CPU at toy size (for tests)")
     parser.add_argument("--cpu-batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if torch.cuda.is_available() and not args.cpu:
+    if args.smoke or (torch.cuda.is_available() and not args.cpu):
         run_gpu(args)
     else:
         run_cpu(args)

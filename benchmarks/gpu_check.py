@@ -2,20 +2,28 @@
 
     PYTHONPATH=. python benchmarks/gpu_check.py          # from the repository root
 
-Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 450 s
+    PYTHONPATH=. python benchmarks/gpu_check.py --only tests,train   # a subset of the steps
+
+Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 540 s
 by default), so one hang cannot eat the lease:
 
 1. device and versions (nvidia-smi, torch, CUDA, Triton, cuDNN);
-2. ``pytest tests/test_cuda.py tests/test_triton_ops.py`` (with CUDA present the kernel tests
-   run the compiled kernels on CUDA tensors, not the interpreter);
-3. ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``: the oracle
-   and contract tests on CUDA tensors, 1 to 4 processes sharing the GPU over gloo;
-4. ``benchmarks/host_overhead.py``: host time per call of the layer and its pieces;
-5. ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s of the budget remain).
+2. ``tests``: ``pytest tests/test_cuda.py tests/test_triton_ops.py`` (with CUDA present the
+   kernel tests run the compiled kernels on CUDA tensors, not the interpreter; test_cuda.py
+   checks the fast launch path against the ordinary one, in a CUDA graph too);
+3. ``layer``: ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``
+   with ``SYNCBN_TRITON_FAST_LAUNCH=1``: the oracle and contract tests on CUDA tensors, 1 to 4
+   processes sharing the GPU over gloo, through the fast launch path;
+4. ``host``: ``benchmarks/host_overhead.py``, host time per call of the layer and its pieces;
+5. ``train``: ``benchmarks/bench_train.py``, the ResNet-50 training step, four BatchNorm choices
+   (``--no-fast-launch`` when a test of steps 2-3 failed);
+6. ``kernels``: ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
-set, else benchmarks/results/gpu_check); the benchmark's table goes to ``$OUT/results``. The
-summary (step results, failed tests, the benchmark table and its targets) is printed last.
+set, else benchmarks/results/gpu_check), packed into ``$OUT/logs.tar.gz`` at the end under a
+lease (at most 8 files come back); the assertion lines of failed tests go to
+``$OUT/failures.txt``; the benchmarks' results to ``$OUT/results``. The summary (step results,
+failed tests, the benchmark tables and their targets) is printed last.
 Nothing is installed: it uses the machine's python, torch, Triton and pytest.
 """
 
@@ -24,15 +32,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tarfile
 import sys
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "450"))
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "540"))
+STEPS = ("tests", "layer", "host", "train", "kernels")
 START = time.time()
 
 
@@ -93,7 +104,7 @@ def pytest_cmd(paths: list[str], per_test_timeout: int, workers: int = 0) -> lis
     Workers matter for the kernel tests: every new tile shape is a Triton compile (about 0.3 s
     of one CPU core), and a few hundred of them dominate the run; each worker compiles its own.
     """
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=8"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "--durations=8"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd.append(f"--timeout={per_test_timeout}")
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
@@ -147,6 +158,11 @@ def bench_table(results_dir: Path) -> list[str]:
 
 
 def main() -> int:
+    only = set(STEPS)
+    if "--only" in sys.argv:
+        only = set(sys.argv[sys.argv.index("--only") + 1].split(","))
+        if not only <= set(STEPS):
+            sys.exit(f"--only takes a comma-separated subset of {','.join(STEPS)}")
     log_dir, results_dir = out_dirs()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -161,26 +177,39 @@ def main() -> int:
     (log_dir / "versions.log").write_text(ver + "\n\n" + smi)
 
     steps = []
-    steps.append(run_step(
-        "pytest_gpu", pytest_cmd(["tests/test_cuda.py", "tests/test_triton_ops.py"], 150, workers=4),
-        min(240, remaining() - 150), log_dir, env,
-    ))  # fmt: skip
-    layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda")
-    steps.append(run_step(
-        "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
-        min(150, remaining() - 120), log_dir, layer_env,
-    ))  # fmt: skip
-    steps.append(run_step(
-        "host_overhead", [sys.executable, "benchmarks/host_overhead.py", "--out", str(results_dir)],
-        min(90, remaining() - 100), log_dir, env,
-    ))  # fmt: skip
-    if remaining() > 60:
-        bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
-        if remaining() < 200:
-            bench.append("--quick")
-        steps.append(run_step("bench_kernels", bench, remaining() - 10, log_dir, env))
-    else:
-        steps.append({"name": "bench_kernels", "status": "SKIP (no time left)", "seconds": 0, "lines": [], "log": ""})
+    if "tests" in only:
+        steps.append(run_step(
+            "pytest_gpu", pytest_cmd(["tests/test_cuda.py", "tests/test_triton_ops.py"], 150, workers=4),
+            min(240, remaining() - 200), log_dir, env,
+        ))  # fmt: skip
+    if "layer" in only:
+        layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda", SYNCBN_TRITON_FAST_LAUNCH="1")
+        steps.append(run_step(
+            "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
+            min(150, remaining() - 180), log_dir, layer_env,
+        ))  # fmt: skip
+    if "host" in only:
+        steps.append(run_step(
+            "host_overhead", [sys.executable, "benchmarks/host_overhead.py", "--out", str(results_dir)],
+            min(60, remaining() - 150), log_dir, env,
+        ))  # fmt: skip
+    tests_failed = any(s["name"].startswith("pytest") and s["status"] != "OK" for s in steps)
+    if "train" in only:
+        train = [sys.executable, "benchmarks/bench_train.py", "--out", str(results_dir)]
+        if tests_failed:
+            train.append("--no-fast-launch")
+        steps.append(run_step("bench_train", train, min(180, remaining() - 60), log_dir, env))
+    if "kernels" in only:
+        if remaining() > 60:
+            bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
+            if remaining() < 200:
+                bench.append("--quick")
+            steps.append(run_step("bench_kernels", bench, remaining() - 10, log_dir, env))
+        else:
+            steps.append({"name": "bench_kernels", "status": "SKIP (no time left)", "seconds": 0, "lines": [], "log": ""})
+    # The assertion lines of every failure, small enough to come back whatever happens to logs.
+    errors = [l for s in steps if s["name"].startswith("pytest") for l in s["lines"] if l.startswith(("E ", "FAILED", "ERROR"))]
+    (log_dir.parent / "failures.txt").write_text("\n".join(errors[:400]) + "\n")
 
     # ---- summary, last ----
     print("\n" + "=" * 30 + " gpu_check summary " + "=" * 30)
@@ -191,7 +220,7 @@ def main() -> int:
         if s["name"].startswith("pytest") and s["lines"] and s["status"] != "SKIP":
             detail, failed = pytest_result(s["lines"])
             failed_all += failed
-        elif s["name"] == "bench_kernels" and s["lines"]:
+        elif s["name"] in ("bench_kernels", "bench_train") and s["lines"]:
             detail = next((l for l in reversed(s["lines"]) if l.startswith("# wrote")), s["lines"][-1])[:150]
         elif s["lines"]:
             detail = s["lines"][-1][:150]
@@ -200,10 +229,24 @@ def main() -> int:
         print(f"failed tests ({len(failed_all)}):")
         for line in failed_all[:15]:
             print("  " + line[:220])
+    for train_md in sorted(results_dir.glob("train-*.md")):
+        print("\n".join(l for l in train_md.read_text().splitlines() if l.startswith("|")))
     print("\n".join(bench_table(results_dir)))
+    if os.environ.get("OUT"):
+        log_dir = pack_logs(log_dir)
     print(f"logs: {log_dir}  results: {results_dir}  total {time.time() - START:.0f} s")
     ok = all(s["status"] in ("OK",) or s["status"].startswith("SKIP") for s in steps)
     return 0 if ok else 1
+
+
+def pack_logs(log_dir: Path) -> Path:
+    """The logs as one $OUT/logs.tar.gz: a lease returns at most 8 files (the results' up to 6,
+    this archive and failures.txt)."""
+    archive = log_dir.parent / "logs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(log_dir, arcname="logs")
+    shutil.rmtree(log_dir)
+    return archive
 
 
 def _which(cmd: str) -> bool:

@@ -135,6 +135,15 @@ def main() -> None:
         ("  syncbn.distributed.sync_world_size", host_us(lambda: syncbn.distributed.sync_world_size(None))),
         ("  check_input", host_us(lambda: syncbn.functional.check_input(x, channels))),
     ]
+    # The same with the fast launch path (compiled kernels relaunched directly; CUDA only).
+    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "1"
+    rows += [
+        ("fast launch: syncbn fwd", host_us(syncbn_fwd, device=device)),
+        ("fast launch: syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
+        ("fast launch:   ops.finalize_normalize (Triton: 1)", host_us(lambda: ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1), device=device)),
+        ("fast launch:   ops.backward_reduce_affine (Triton: 2)", host_us(lambda: ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32), device=device)),
+    ]
+    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "0"
     # Every thread's ops (cProfile below sees only this thread, not the autograd engine's).
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(50):
@@ -151,7 +160,7 @@ def main() -> None:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
 
     header = f"# host time per call, {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
-    table = "\n".join([header] + [f"{name:<45} {us:9.1f} us" for name, us in rows])
+    table = "\n".join([header] + [f"{name:<55} {us:9.1f} us" for name, us in rows])
     print(text.getvalue())
     print(op_table)
     print(table, flush=True)

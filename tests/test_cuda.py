@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -250,7 +251,9 @@ def _state(model):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("synced", [False, True], ids=["no-group", "nccl-world-1"])
-def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last):
+@pytest.mark.parametrize("launch", ["ordinary-launch", "fast-launch"])
+def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last, launch):
+    monkeypatch.setenv("SYNCBN_TRITON_FAST_LAUNCH", "1" if launch == "fast-launch" else "0")
     if synced:
         request.getfixturevalue("nccl_group")
         monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
@@ -326,6 +329,45 @@ def test_no_host_sync_in_a_training_step():
     with sync_debug_error():
         layer(x).sum().backward()  # an expanded gradient: one copy, no synchronization
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_fast_launch_is_bitwise_the_ordinary_launch(always_sync, monkeypatch, memory_format):
+    """SYNCBN_TRITON_FAST_LAUNCH=1 reuses compiled kernels; results must not change at all, also
+    when the same shape comes with a misaligned view (another specialization) or without
+    weight and bias. (test_cuda_graph_training_step runs it under graph capture.)"""
+    triton_ops = _triton_ops()
+    shape = (4, 24, 9, 9)
+
+    def inputs(offset):
+        # offset 1 (one float): data_ptr not 16-byte aligned, the same shape and strides
+        flat = torch.randn(math.prod(shape) + offset, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(offset))
+        if memory_format is None:
+            return flat[offset:].view(shape)
+        n, c, h, w = shape
+        return flat[offset:].view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
+
+    def run(fast):
+        monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "1" if fast else "0")
+        out = []
+        for affine in (True, False, True):
+            for offset in (0, 1, 0, 1):
+                torch.manual_seed(0)
+                layer = syncbn.SyncBatchNorm(24, affine=affine).to(DEVICE)
+                x = inputs(offset)
+                assert (x.data_ptr() % 16 == 0) == (offset == 0)
+                x.requires_grad_(True)
+                y = layer(x)
+                y.backward(torch.cos(y.detach()))
+                out.append((y, x.grad, layer.running_mean, layer.running_var))
+        return out
+
+    ordinary, fast = run(False), run(True)
+    for a, b in zip(ordinary, fast):
+        for t, u in zip(a, b):
+            assert torch.equal(t, u)
+    cached = sum(len(p.launches) for p in triton_ops._plans[1].values())
+    assert cached >= 6, "the fast path kept no compiled kernels"
 
 
 def test_eval_and_reference_backend_still_work(monkeypatch):

@@ -12,6 +12,7 @@ the merge kernel loops.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -397,6 +398,106 @@ def test_six_launches_per_forward_and_backward(memory_format, monkeypatch):
     y.backward(torch.ones_like(y))
     assert launches == ["reduce", "merge", "elemt"] * 2
     assert x.grad is not None and weight.grad is not None and bias.grad is not None
+
+
+class FakeCompiled:
+    """What Triton's JIT returns from a launch: the compiled kernel and its launcher."""
+
+    function, packed_metadata = "function-handle", "packed-metadata"
+
+    def __init__(self):
+        self.direct = []
+
+    def run(self, *args):
+        self.direct.append(args)
+
+
+class FakeKernel:
+    arg_names = ["x_ptr", "n", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.ordinary = []
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.ordinary.append((grid, args, kwargs))
+            return self.compiled
+
+        return launch
+
+
+def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
+    """The fast launch path's bookkeeping, with a fake kernel (the real one runs in
+    tests/test_cuda.py): first launch of a specialization through Triton, the next ones
+    straight to its launcher with every argument in signature order; anything that changes the
+    specialization (a constexpr, num_warps, a dtype, 16-byte alignment) goes through Triton again."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    plan = triton_ops._Plan(None, True, None, None, cuda=True)
+    kernel = FakeKernel()
+    buf = torch.zeros(16)
+    aligned, misaligned = buf[:8], buf[1:9]
+    consts = dict(BLOCK=64, FLAG=True, num_warps=4)
+
+    monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "0")
+    for _ in range(2):
+        triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
+    assert len(kernel.ordinary) == 2 and not kernel.compiled.direct and not plan.launches
+
+    monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "1")
+    triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
+    triton_ops._launch(plan, kernel, 9, (aligned, 6), consts)
+    assert len(kernel.ordinary) == 3
+    # grid (x, y, z), stream, function, metadata, launch metadata and hooks (none), then every
+    # parameter in signature order: runtime arguments, then constexprs
+    direct = kernel.compiled.direct[0]
+    assert direct[:9] == (9, 1, 1, 1234, "function-handle", "packed-metadata", None, None, None)
+    assert direct[9] is aligned and direct[10:] == (6, 64, True)
+
+    for args, kw in [((misaligned, 5), consts), ((aligned, 5), dict(consts, FLAG=False)),
+                     ((aligned, 5), dict(consts, num_warps=8)), ((aligned.double(), 5), consts)]:  # fmt: skip
+        before = len(kernel.ordinary)
+        triton_ops._launch(plan, kernel, 7, args, kw)
+        assert len(kernel.ordinary) == before + 1, kw  # a new specialization: through Triton
+        triton_ops._launch(plan, kernel, 7, args, kw)
+        assert len(kernel.ordinary) == before + 1, kw  # and then direct
+
+    interpreter_plan = triton_ops._Plan(None, True, None, None, cuda=False)
+    for _ in range(2):
+        triton_ops._launch(interpreter_plan, kernel, 7, (aligned, 5), consts)
+    assert not interpreter_plan.launches
+    missing = dict(BLOCK=64, num_warps=4)  # FLAG not given: no safe argument order, no caching
+    assert triton_ops._constexpr_tail(kernel, (aligned, 5), missing) is None
+
+
+@pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])
+def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(memory_format, monkeypatch):
+    """The fast path's argument order rests on this: each launch gives exactly the kernel's
+    runtime parameters, in order, positionally, and every constexpr by name."""
+    seen = []
+    real = triton_ops._launch
+
+    def recording(plan, kernel, grid, args, consts):
+        seen.append((kernel, args, consts))
+        return real(plan, kernel, grid, args, consts)
+
+    monkeypatch.setattr(triton_ops, "_launch", recording)
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    x = make_input((2, 3, 4, 4), torch.float32, memory_format).requires_grad_()
+    for affine in (True, False):
+        weight = torch.ones(3, device=DEVICE, requires_grad=True) if affine else None
+        bias = torch.zeros(3, device=DEVICE, requires_grad=True) if affine else None
+        sync_batch_norm(x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), weight, bias, training=True).sum().backward()
+    assert len(seen) == 12
+    for kernel, args, consts in seen:
+        params = list(inspect.signature(kernel.fn).parameters.values())  # JIT and interpreter alike
+        name = kernel.fn.__name__
+        assert [p.name for p in params] == kernel.arg_names, name
+        constexpr_positions = {i for i, p in enumerate(params) if "constexpr" in str(p.annotation)}
+        assert constexpr_positions == set(range(len(args), len(params))), name
+        tail = triton_ops._constexpr_tail(kernel, args, consts)
+        assert tail is not None and len(args) + len(tail) == len(params), name
 
 
 def test_import_syncbn_does_not_import_triton():

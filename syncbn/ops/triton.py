@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -789,6 +790,9 @@ class _Plan:
     dense: bool  # False: the strides fit neither layout, the passes read ``x.contiguous()``
     reduce: _ReduceConfig
     elemt: _ElemtConfig
+    cuda: bool  # compiled kernels (not the interpreter): launches may take the fast path
+    # Compiled kernels of this plan's launches (see _launch); dies with the plan.
+    launches: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 _plans: tuple[Tuning, dict] = (TUNING, {})
@@ -812,7 +816,8 @@ def _plan(x: torch.Tensor) -> _Plan:
             view = _View("mc", x.shape[0], x.shape[1], 1) if s == 1 else _View("ncs", x.shape[0], x.shape[1], s)
         itemsize = x.element_size()
         reduce = _reduce_config(view, itemsize, _sm_count(x.device), tuning)
-        plan = cache[key] = _Plan(view, dense, reduce, _elemt_config(view, itemsize, tuning))
+        elemt = _elemt_config(view, itemsize, tuning)
+        plan = cache[key] = _Plan(view, dense, reduce, elemt, x.is_cuda)
     return plan
 
 
@@ -827,6 +832,71 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
 # ----------------------------------------------------------------------------------------------
 
 
+FAST_LAUNCH_ENV = "SYNCBN_TRITON_FAST_LAUNCH"
+
+
+def fast_launch_enabled() -> bool:
+    """Whether ``SYNCBN_TRITON_FAST_LAUNCH=1`` asks for the fast launch path (see ``_launch``)."""
+    return os.environ.get(FAST_LAUNCH_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) -> None:
+    """``kernel[(grid,)](*args, **consts)``: all runtime arguments positional, constexprs and
+    launch options (``num_warps``) as keywords.
+
+    Triton's launcher spends tens of microseconds of host time per call working out the
+    specialization of every argument and looking up the compiled kernel, which is most of the
+    layer's host time on small layers. With ``SYNCBN_TRITON_FAST_LAUNCH=1``, the compiled kernel
+    of a first, ordinary launch is kept on the plan, keyed by everything its specialization can
+    depend on besides the plan (the current device, the constexprs and options, each tensor's
+    dtype and 16-byte alignment; the plan fixes every integer argument), and later launches
+    call its launcher directly with the arguments in signature order, as Triton (3.3 and later)
+    does itself. Not used while Triton's launch hooks are set (a profiler), nor for the
+    interpreter, nor for anything but a compiled kernel with the expected attributes.
+    """
+    if plan is None or not plan.cuda or not fast_launch_enabled():
+        kernel[(grid,)](*args, **consts)
+        return
+    device = torch.cuda.current_device()
+    key = (kernel, device, *consts.values(), *[(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)])
+    hit = plan.launches.get(key)
+    if hit is not None:
+        compiled, constexprs = hit
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
+        return
+    compiled = kernel[(grid,)](*args, **consts)
+    constexprs = _constexpr_tail(kernel, args, consts)
+    if constexprs is not None and _directly_launchable(compiled):
+        plan.launches[key] = (compiled, constexprs)
+
+
+def _constexpr_tail(kernel, args: tuple, consts: dict) -> tuple | None:
+    """The values of ``kernel``'s parameters after ``args``, in signature order, or None."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None or len(names) < len(args) or any(n not in consts for n in names[len(args) :]):
+        return None
+    return tuple(consts[n] for n in names[len(args) :])
+
+
+def _no_hook(hook) -> bool:
+    # None, or an empty HookChain (Triton 3.5 and later keep a chain that is never None).
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _directly_launchable(compiled) -> bool:
+    """A compiled kernel whose launcher can be called as Triton's own launch path does."""
+    try:
+        knobs = triton.knobs.runtime
+        if not (_no_hook(knobs.launch_enter_hook) and _no_hook(knobs.launch_exit_hook)):
+            return False
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()
+        return all(getattr(compiled, a, None) is not None for a in ("run", "function", "packed_metadata"))
+    except Exception:  # noqa: BLE001 - an unexpected Triton: keep the ordinary path
+        return False
+
+
 def _reduce(x: torch.Tensor, plan: _Plan, dy: torch.Tensor | None, mean: torch.Tensor | None):
     """Launch a reduce kernel; returns the (3 or 2, C, T) partials."""
     view, cfg = plan.view, plan.reduce
@@ -836,17 +906,16 @@ def _reduce(x: torch.Tensor, plan: _Plan, dy: torch.Tensor | None, mean: torch.T
     dy_arg = dy if grad else x
     mean_arg = mean if grad else part
     if view.kind == "ncs":
-        _reduce_ncs_kernel[(cfg.grid,)](
+        args = (
             x, dy_arg, mean_arg, part, view.rows, view.channels, view.inner,
             cfg.rows_per, cfg.cols_per, cfg.col_splits, cfg.c_blocks, cfg.tiles,
-            BLOCK_C=cfg.block_a, BLOCK_S=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps,
         )  # fmt: skip
+        consts = dict(BLOCK_C=cfg.block_a, BLOCK_S=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps)
+        _launch(plan, _reduce_ncs_kernel, cfg.grid, args, consts)
     else:
-        _reduce_mc_kernel[(cfg.grid,)](
-            x, dy_arg, mean_arg, part, view.rows, view.channels, cfg.rows_per, cfg.c_blocks,
-            cfg.tiles, BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, GRAD=grad,
-            num_warps=cfg.num_warps,
-        )  # fmt: skip
+        args = (x, dy_arg, mean_arg, part, view.rows, view.channels, cfg.rows_per, cfg.c_blocks, cfg.tiles)
+        consts = dict(BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps)
+        _launch(plan, _reduce_mc_kernel, cfg.grid, args, consts)
     return part
 
 
@@ -860,17 +929,20 @@ def _merge(
     grad_bias: torch.Tensor | None = None,
 ):
     view, cfg = plan.view, plan.reduce
-    grid = (_cdiv(view.channels, cfg.merge_block_c),)
-    _merge_kernel[grid](
+    args = (
         part, out,
         invstd if grad_weight is not None else out,
         grad_weight if grad_weight is not None else out,
         grad_bias if grad_bias is not None else out,
         view.channels, cfg.tiles, view.rows, cfg.rows_per, view.inner, cfg.cols_per,
-        cfg.col_splits, BLOCK_CM=cfg.merge_block_c, BLOCK_T=cfg.merge_block_t, GRAD=grad,
+        cfg.col_splits,
+    )  # fmt: skip
+    consts = dict(
+        BLOCK_CM=cfg.merge_block_c, BLOCK_T=cfg.merge_block_t, GRAD=grad,
         HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
         num_warps=cfg.merge_warps,
     )  # fmt: skip
+    _launch(plan, _merge_kernel, _cdiv(view.channels, cfg.merge_block_c), args, consts)
 
 
 def local_stats(x: torch.Tensor) -> torch.Tensor:
@@ -970,15 +1042,11 @@ def _elemt(
         BACKWARD=backward, FROM_STATS=from_stats, num_warps=cfg.num_warps, **running_flags,
     )  # fmt: skip
     if view.kind == "ncs":
-        _elemt_ncs_kernel[(cfg.grid,)](
-            *args, view.rows * view.channels, view.channels, view.inner, cfg.b_blocks,
-            BLOCK_R=cfg.block_a, BLOCK_S=cfg.block_b, **flags,
-        )  # fmt: skip
+        args += (view.rows * view.channels, view.channels, view.inner, cfg.b_blocks)
+        _launch(plan, _elemt_ncs_kernel, cfg.grid, args, dict(BLOCK_R=cfg.block_a, BLOCK_S=cfg.block_b, **flags))
     else:
-        _elemt_mc_kernel[(cfg.grid,)](
-            *args, view.rows, view.channels, cfg.b_blocks,
-            BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, **flags,
-        )  # fmt: skip
+        args += (view.rows, view.channels, cfg.b_blocks)
+        _launch(plan, _elemt_mc_kernel, cfg.grid, args, dict(BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, **flags))
     return out
 
 
