@@ -236,8 +236,12 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
     one = torch.ones_like(mean)
     if x.is_cuda:
         # CUDA's eval-mode native_batch_norm_backward insists on saved statistics; this is the
-        # kernel torch's own SyncBatchNorm uses for the same two sums.
-        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad_out, x, mean, one, None, True, False, False)
+        # kernel torch's own SyncBatchNorm uses for the same two sums. The (unused) float weight
+        # makes half-precision input a "mixed type" call: without a weight, ATen's contiguous
+        # (non channels-last) path takes half input with float32 statistics as unmixed and
+        # expects statistics in the input's dtype (the likely cause of the half-precision
+        # failures of tests/test_triton_ops.py on the first GPU run; the next run checks it).
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad_out, x, mean, one, one, True, False, False)
         return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
     # Eval-mode backward with var = 1: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
     _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
