@@ -4,7 +4,7 @@
 
     PYTHONPATH=. python benchmarks/gpu_check.py --only tests,train   # a subset of the steps
 
-Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 540 s
+Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 570 s
 by default), so one hang cannot eat the lease:
 
 1. device and versions (nvidia-smi, torch, CUDA, Triton, cuDNN);
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "540"))
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "570"))
 STEPS = ("tests", "layer", "host", "train", "kernels")
 START = time.time()
 
@@ -180,25 +180,25 @@ def main() -> int:
     if "tests" in only:
         steps.append(run_step(
             "pytest_gpu", pytest_cmd(["tests/test_cuda.py", "tests/test_triton_ops.py"], 150, workers=4),
-            min(240, remaining() - 200), log_dir, env,
+            min(210, remaining() - 300), log_dir, env,
         ))  # fmt: skip
     if "layer" in only:
         layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda", SYNCBN_TRITON_FAST_LAUNCH="1")
         steps.append(run_step(
             "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
-            min(150, remaining() - 180), log_dir, layer_env,
+            min(120, remaining() - 240), log_dir, layer_env,
         ))  # fmt: skip
     if "host" in only:
         steps.append(run_step(
             "host_overhead", [sys.executable, "benchmarks/host_overhead.py", "--out", str(results_dir)],
-            min(60, remaining() - 150), log_dir, env,
+            min(45, remaining() - 200), log_dir, env,
         ))  # fmt: skip
     tests_failed = any(s["name"].startswith("pytest") and s["status"] != "OK" for s in steps)
     if "train" in only:
         train = [sys.executable, "benchmarks/bench_train.py", "--out", str(results_dir)]
         if tests_failed:
             train.append("--no-fast-launch")
-        steps.append(run_step("bench_train", train, min(180, remaining() - 60), log_dir, env))
+        steps.append(run_step("bench_train", train, min(200, remaining() - 45), log_dir, env))
     if "kernels" in only:
         if remaining() > 60:
             bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
