@@ -469,6 +469,12 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
     assert not interpreter_plan.launches
     missing = dict(BLOCK=64, num_warps=4)  # FLAG not given: no safe argument order, no caching
     assert triton_ops._constexpr_tail(kernel, (aligned, 5), missing) is None
+    # A Triton older than 3.3 (launcher without the constexprs): never directly launched.
+    monkeypatch.setattr(triton_ops, "_LAUNCHER_TAKES_ALL_PARAMS", False)
+    old_triton_plan = triton_ops._Plan(None, True, None, None, cuda=True)
+    for _ in range(2):
+        triton_ops._launch(old_triton_plan, kernel, 7, (aligned, 5), consts)
+    assert not old_triton_plan.launches
 
 
 @pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])

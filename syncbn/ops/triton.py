@@ -884,8 +884,22 @@ def _no_hook(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+# Since Triton 3.3 a compiled kernel's launcher takes every parameter, constexprs included, in
+# signature order (checked against the 3.6 and 3.9 sources); before, only the runtime ones.
+_LAUNCHER_TAKES_ALL_PARAMS = _triton_at_least(3, 3)
+
+
 def _directly_launchable(compiled) -> bool:
     """A compiled kernel whose launcher can be called as Triton's own launch path does."""
+    if not _LAUNCHER_TAKES_ALL_PARAMS:
+        return False
     try:
         knobs = triton.knobs.runtime
         if not (_no_hook(knobs.launch_enter_hook) and _no_hook(knobs.launch_exit_hook)):
