@@ -463,6 +463,17 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
         triton_ops._launch(plan, kernel, 7, args, kw)
         assert len(kernel.ordinary) == before + 1, kw  # and then direct
 
+    # A launch hook set (a profiler): through Triton, so that the hook sees every launch.
+    hooks = triton_ops.triton.knobs.runtime.launch_enter_hook
+    hook = lambda metadata: None  # noqa: E731
+    hooks.add(hook)
+    try:
+        before = len(kernel.ordinary)
+        triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
+        assert len(kernel.ordinary) == before + 1
+    finally:
+        hooks.remove(hook)
+
     interpreter_plan = triton_ops._Plan(None, True, None, None, cuda=False)
     for _ in range(2):
         triton_ops._launch(interpreter_plan, kernel, 7, (aligned, 5), consts)

@@ -851,8 +851,9 @@ def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) ->
     depend on besides the plan (the current device, the constexprs and options, each tensor's
     dtype and 16-byte alignment; the plan fixes every integer argument), and later launches
     call its launcher directly with the arguments in signature order, as Triton (3.3 and later)
-    does itself. Not used while Triton's launch hooks are set (a profiler), nor for the
-    interpreter, nor for anything but a compiled kernel with the expected attributes.
+    does itself. Not used while Triton's launch hooks are set (a profiler attached: launches go
+    through Triton and its hooks), nor for the interpreter, nor for anything but a compiled
+    kernel with the expected attributes.
     """
     if plan is None or not plan.cuda or not fast_launch_enabled():
         kernel[(grid,)](*args, **consts)
@@ -860,7 +861,7 @@ def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) ->
     device = torch.cuda.current_device()
     key = (kernel, device, *consts.values(), *[(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)])
     hit = plan.launches.get(key)
-    if hit is not None:
+    if hit is not None and _no_launch_hooks():
         compiled, constexprs = hit
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
@@ -884,6 +885,15 @@ def _no_hook(hook) -> bool:
     return hook is None or getattr(hook, "calls", None) == []
 
 
+def _no_launch_hooks() -> bool:
+    """True when no Triton launch hook is set (a fraction of a microsecond)."""
+    try:
+        knobs = triton.knobs.runtime
+        return _no_hook(knobs.launch_enter_hook) and _no_hook(knobs.launch_exit_hook)
+    except AttributeError:  # a Triton without knobs
+        return False
+
+
 def _triton_at_least(major: int, minor: int) -> bool:
     try:
         return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (major, minor)
@@ -900,10 +910,9 @@ def _directly_launchable(compiled) -> bool:
     """A compiled kernel whose launcher can be called as Triton's own launch path does."""
     if not _LAUNCHER_TAKES_ALL_PARAMS:
         return False
+    if not _no_launch_hooks():
+        return False
     try:
-        knobs = triton.knobs.runtime
-        if not (_no_hook(knobs.launch_enter_hook) and _no_hook(knobs.launch_exit_hook)):
-            return False
         if hasattr(compiled, "_init_handles"):
             compiled._init_handles()
         return all(getattr(compiled, a, None) is not None for a in ("run", "function", "packed_metadata"))
