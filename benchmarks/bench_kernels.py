@@ -27,6 +27,7 @@ prints one line per case while it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import inspect
@@ -176,7 +177,28 @@ def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
             out[name]["host_us_fwd_bwd"] = host_time_us(fwd_bwd)
             if GRAPH_TIMING["enabled"]:
                 out[name]["graph_fwd_bwd"] = graph_time(fwd_bwd, warmup, rep)
+            # The same with SYNCBN_TRITON_FAST_LAUNCH=1: eager forward+backward and host time.
+            with fast_launch():
+                try:
+                    out["syncbn fast launch"] = {
+                        "fwd_bwd": bench(fwd_bwd, warmup, rep), "host_us_fwd_bwd": host_time_us(fwd_bwd)
+                    }
+                except Exception as e:  # noqa: BLE001 - recorded in the row's errors
+                    out["syncbn fast launch"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
+
+
+@contextlib.contextmanager
+def fast_launch():
+    saved = os.environ.get("SYNCBN_TRITON_FAST_LAUNCH")
+    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SYNCBN_TRITON_FAST_LAUNCH"]
+        else:
+            os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = saved
 
 
 GRAPH_TIMING = {"enabled": True}
@@ -227,14 +249,15 @@ def run_breakdown(shape, dtype, memory_format, warmup, rep):
     b = torch.zeros(channels, device="cuda")
     rm, rv = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
     stats = ops.local_stats(x)
-    mean, invstd = ops.finalize(stats, EPS, rm, rv, MOMENTUM, torch.float32)
+    _, mean, invstd = ops.finalize_normalize(x, stats, EPS, w, b, rm, rv, MOMENTUM)
     sums = ops.backward_reduce(dy, x, mean)
     s_bytes = x.numel() * x.element_size()
-    passes = {  # name: (fn, bytes moved at the floor)
+    passes = {  # name: (fn, bytes moved at the floor); the calls the layer makes
         "local_stats": (lambda: ops.local_stats(x), s_bytes),
-        "finalize": (lambda: ops.finalize(stats, EPS, rm, rv, MOMENTUM, torch.float32), 0),
-        "normalize": (lambda: ops.normalize(x, mean, invstd, w, b), 2 * s_bytes),
-        "backward_reduce": (lambda: ops.backward_reduce(dy, x, mean), 2 * s_bytes),
+        "finalize_normalize": (lambda: ops.finalize_normalize(x, stats, EPS, w, b, rm, rv, MOMENTUM), 2 * s_bytes),
+        "backward_reduce_affine": (
+            lambda: ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.float32), 2 * s_bytes
+        ),
         "backward_elemt": (
             lambda: ops.backward_elemt(dy, x, mean, invstd, w, sums, stats[-1]), 3 * s_bytes
         ),
@@ -244,6 +267,44 @@ def run_breakdown(shape, dtype, memory_format, warmup, rep):
         ms = bench(fn, warmup, rep)[0]
         out[name] = {"ms": ms, "bytes": nbytes, "bytes_per_s": nbytes / (ms * 1e-3) if nbytes else None}
     return out
+
+
+def make_row(shape, note, dname, lname, layout_kind, nbytes, res, copy_rate):
+    """One layer's row of the report from ``run_case``'s timings (ms medians)."""
+    row = {"shape": shape, "note": note, "dtype": dname, "layout": lname, "layout_kind": layout_kind,
+           "bytes": nbytes, "raw": res}  # fmt: skip
+    keys = {"syncbn": "syncbn", "F.batch_norm": "bn", "torch SyncBN": "torch", "syncbn fast launch": "fast"}
+    errs = []
+    for prov, k in keys.items():
+        if prov not in res:
+            continue
+        if "error" in res[prov]:
+            errs.append(f"{prov}: {res[prov]['error']}")
+            continue
+        if "fwd" in res[prov]:
+            row[f"{k}_fwd"] = res[prov]["fwd"][0]
+        row[f"{k}_fwd_bwd"] = res[prov]["fwd_bwd"][0]
+        if k == "syncbn":
+            row["syncbn_graph_fwd_bwd"] = res[prov].get("graph_fwd_bwd")
+        if k in ("syncbn", "fast"):
+            row[f"{k}_host_us"] = res[prov].get("host_us_fwd_bwd")
+    if errs:
+        row["errors"] = "; ".join(errs)
+    if "syncbn_fwd" in row:
+        row["floor_fwd"] = 3 * nbytes / copy_rate / (row["syncbn_fwd"] * 1e-3)
+        row["floor_fwd_bwd"] = 8 * nbytes / copy_rate / (row["syncbn_fwd_bwd"] * 1e-3)
+        for k in ("bn", "torch"):
+            for mode in ("fwd", "fwd_bwd"):
+                if f"{k}_{mode}" in row:
+                    row[f"vs_{k}_{mode}"] = row[f"{k}_{mode}"] / row[f"syncbn_{mode}"]
+    if "fast_fwd_bwd" in row:  # the same speedups with fast launch, forward+backward
+        for k in ("bn", "torch"):
+            if f"{k}_fwd_bwd" in row:
+                row[f"vs_{k}_fwd_bwd_fast"] = row[f"{k}_fwd_bwd"] / row["fast_fwd_bwd"]
+    return row
+
+
+PASSES = ("local_stats", "finalize_normalize", "backward_reduce_affine", "backward_elemt")
 
 
 def geomean(values):
@@ -284,6 +345,8 @@ def summarize(rows):
             "vs_torch_syncbn_fwd_bwd": geomean([r.get("vs_torch_fwd_bwd") for r in sel]),
             "vs_batch_norm_fwd": geomean([r.get("vs_bn_fwd") for r in sel]),
             "vs_batch_norm_fwd_bwd": geomean([r.get("vs_bn_fwd_bwd") for r in sel]),
+            "vs_torch_syncbn_fwd_bwd_fast": geomean([r.get("vs_torch_fwd_bwd_fast") for r in sel]),
+            "vs_batch_norm_fwd_bwd_fast": geomean([r.get("vs_bn_fwd_bwd_fast") for r in sel]),
         }
     targets = []
     for f in floor:
@@ -298,6 +361,12 @@ def summarize(rows):
         targets.append((f"{mode} speedup vs F.batch_norm, fp32 (geomean)", v, 1.0, v is not None and v >= 1.0))
         v = speed["bf16"][f"vs_batch_norm_{mode}"]
         targets.append((f"{mode} speedup vs F.batch_norm, bf16 (geomean)", v, 2.0, v is not None and v >= 2.0))
+    # With SYNCBN_TRITON_FAST_LAUNCH=1 (not the default yet): the forward+backward targets again.
+    t = speed["all"]["vs_torch_syncbn_fwd_bwd_fast"]
+    targets.append(("fast launch: fwd+bwd speedup vs torch SyncBN path (geomean, all)", t, 4.0, t is not None and t >= 4.0))
+    for label, goal in (("fp32", 1.0), ("bf16", 2.0)):
+        v = speed[label]["vs_batch_norm_fwd_bwd_fast"]
+        targets.append((f"fast launch: fwd_bwd speedup vs F.batch_norm, {label} (geomean)", v, goal, v is not None and v >= goal))
     return {"floor": floor, "speedups": speed, "targets": targets}
 
 
@@ -330,16 +399,18 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         f"Device-to-device copy rate measured in this run: {copy_rate / 1e12:.2f} TB/s (bytes read + "
         "written). Floor fraction = (3S forward, 8S forward+backward) / copy rate / measured time.",
         "",
-        "Last two columns (diagnostics, not in the targets): syncbn forward+backward replayed from "
-        "a CUDA graph (device time without Python), and the Python time to issue one eager "
-        "forward+backward. Where the host time exceeds the device time plus about 60-85 us (the "
+        "Columns after the speedups (diagnostics): syncbn forward+backward replayed from "
+        "a CUDA graph (device time without Python), the Python time to issue one eager "
+        "forward+backward, and the eager forward+backward and its host time with "
+        "`SYNCBN_TRITON_FAST_LAUNCH=1` (compiled kernels relaunched directly; not the default yet). "
+        "Where the host time exceeds the device time plus about 60-85 us (the "
         "L2-flush kernel do_bench runs before each call gives the host that head start), the "
         "eager numbers are host-bound.",
         "",
         "| layer | dtype | layout | MB | syncbn fwd | syncbn f+b | F.bn fwd | F.bn f+b | torch SyncBN fwd "
         "| torch SyncBN f+b | floor fwd | floor f+b | x F.bn fwd | x F.bn f+b | x torch f+b "
-        "| syncbn f+b graph | host us f+b |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| syncbn f+b graph | host us f+b | f+b fast launch | host us fast |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
@@ -349,7 +420,8 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
             f"| {fmt_ms(r.get('torch_fwd'))} | {fmt_ms(r.get('torch_fwd_bwd'))} "
             f"| {fmt(r.get('floor_fwd'), 2)} | {fmt(r.get('floor_fwd_bwd'), 2)} "
             f"| {fmt(r.get('vs_bn_fwd'), 2)} | {fmt(r.get('vs_bn_fwd_bwd'), 2)} | {fmt(r.get('vs_torch_fwd_bwd'), 2)} "
-            f"| {fmt_ms(r.get('syncbn_graph_fwd_bwd'))} | {fmt(r.get('syncbn_host_us'), 0)} |"
+            f"| {fmt_ms(r.get('syncbn_graph_fwd_bwd'))} | {fmt(r.get('syncbn_host_us'), 0)} "
+            f"| {fmt_ms(r.get('fast_fwd_bwd'))} | {fmt(r.get('fast_host_us'), 0)} |"
         )
     errors = [(r["shape"], r["dtype"], r["layout"], r["errors"]) for r in rows if r.get("errors")]
     if errors:
@@ -358,22 +430,24 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
     for name, value, goal, ok in summary["targets"]:
         lines.append(f"| {name} | {fmt(value, 2)} | {goal} | {'yes' if ok else '**no**'} |")
     lines += ["", "Geometric-mean speedups of syncbn (x = other time / syncbn time):", ""]
-    lines += ["| set | vs torch SyncBN fwd | vs torch SyncBN f+b | vs F.bn fwd | vs F.bn f+b |", "|---|---:|---:|---:|---:|"]
+    lines += ["| set | vs torch SyncBN fwd | vs torch SyncBN f+b | vs F.bn fwd | vs F.bn f+b "
+              "| fast launch: vs torch SyncBN f+b | fast launch: vs F.bn f+b |", "|---|---:|---:|---:|---:|---:|---:|"]
     for label, s in summary["speedups"].items():
         lines.append(
             f"| {label} | {fmt(s['vs_torch_syncbn_fwd'], 2)} | {fmt(s['vs_torch_syncbn_fwd_bwd'], 2)} "
-            f"| {fmt(s['vs_batch_norm_fwd'], 2)} | {fmt(s['vs_batch_norm_fwd_bwd'], 2)} |"
+            f"| {fmt(s['vs_batch_norm_fwd'], 2)} | {fmt(s['vs_batch_norm_fwd_bwd'], 2)} "
+            f"| {fmt(s['vs_torch_syncbn_fwd_bwd_fast'], 2)} | {fmt(s['vs_batch_norm_fwd_bwd_fast'], 2)} |"
         )
     if breakdown:
         lines += ["", "## syncbn passes alone (Triton backend ops, no collective)", "",
                   "Fraction = bytes at the floor (stats S, normalize 2S, backward reduce 2S, backward "
                   "elementwise 3S) / copy rate / time. Each pass includes its small second kernel "
                   "(the tile merge) and its allocations.", "",
-                  "| layer | dtype | layout | local_stats | finalize | normalize | backward_reduce | backward_elemt |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| layer | dtype | layout | local_stats | finalize_normalize | backward_reduce_affine | backward_elemt |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for b in breakdown:
             cells = []
-            for name in ("local_stats", "finalize", "normalize", "backward_reduce", "backward_elemt"):
+            for name in PASSES:
                 p = b["passes"][name]
                 frac = p["bytes_per_s"] / copy_rate if p["bytes_per_s"] else None
                 cells.append(f"{p['ms'] * 1e3:.1f} us" + (f" ({frac:.2f})" if frac is not None else ""))
@@ -429,29 +503,9 @@ def main(argv=None):
             for lname, memory_format in layouts_for(shape).items():
                 nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
                 res = run_case(shape, dtype, memory_format, group, torch_sync, args.warmup, args.rep)
-                row = {"shape": str(shape), "note": note, "dtype": dname, "layout": lname,
-                       "layout_kind": "channels_last" if memory_format != torch.contiguous_format else "contiguous",
-                       "bytes": nbytes, "raw": res}  # fmt: skip
-                keys = {"syncbn": "syncbn", "F.batch_norm": "bn", "torch SyncBN": "torch"}
-                errs = []
-                for prov, k in keys.items():
-                    if "error" in res[prov]:
-                        errs.append(f"{prov}: {res[prov]['error']}")
-                        continue
-                    row[f"{k}_fwd"] = res[prov]["fwd"][0]
-                    row[f"{k}_fwd_bwd"] = res[prov]["fwd_bwd"][0]
-                    if k == "syncbn":
-                        row["syncbn_host_us"] = res[prov].get("host_us_fwd_bwd")
-                        row["syncbn_graph_fwd_bwd"] = res[prov].get("graph_fwd_bwd")
-                if errs:
-                    row["errors"] = "; ".join(errs)
-                if "syncbn_fwd" in row:
-                    row["floor_fwd"] = 3 * nbytes / copy_rate / (row["syncbn_fwd"] * 1e-3)
-                    row["floor_fwd_bwd"] = 8 * nbytes / copy_rate / (row["syncbn_fwd_bwd"] * 1e-3)
-                    for k in ("bn", "torch"):
-                        for mode in ("fwd", "fwd_bwd"):
-                            if f"{k}_{mode}" in row:
-                                row[f"vs_{k}_{mode}"] = row[f"{k}_{mode}"] / row[f"syncbn_{mode}"]
+                layout_kind = "channels_last" if memory_format != torch.contiguous_format else "contiguous"
+                row = make_row(str(shape), note, dname, lname, layout_kind, nbytes, res, copy_rate)
+                errs = row.get("errors")
                 rows.append(row)
                 print(
                     f"{str(shape):>22} {dname} {lname:<5} {nbytes / 2**20:7.1f} MB | syncbn "

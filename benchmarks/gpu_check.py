@@ -141,7 +141,7 @@ def bench_table(results_dir: Path) -> list[str]:
     out = [
         f"benchmark: {files[-1]}  (copy rate {data['copy_rate_bytes_per_s'] / 1e12:.2f} TB/s)",
         f"{'layer':<20} {'dt':<4} {'lay':<5} {'MB':>6} {'fwd ms':>8} {'f+b ms':>8} {'flr f':>5} {'flr fb':>6} "
-        f"{'xBN f':>6} {'xBN fb':>6} {'xTS fb':>6} {'graph fb':>8} {'host us':>7}",
+        f"{'xBN f':>6} {'xBN fb':>6} {'xTS fb':>6} {'graph fb':>8} {'host us':>7} {'fast fb':>8} {'host fast':>9}",
     ]
     for r in data["rows"]:
         out.append(
@@ -149,7 +149,8 @@ def bench_table(results_dir: Path) -> list[str]:
             f"{g(r.get('syncbn_fwd')):>8} {g(r.get('syncbn_fwd_bwd')):>8} {f(r.get('floor_fwd')):>5} "
             f"{f(r.get('floor_fwd_bwd')):>6} {f(r.get('vs_bn_fwd')):>6} {f(r.get('vs_bn_fwd_bwd')):>6} "
             f"{f(r.get('vs_torch_fwd_bwd')):>6} {g(r.get('syncbn_graph_fwd_bwd')):>8} "
-            f"{f(r.get('syncbn_host_us'), 0):>7}" + (" ERR" if r.get("errors") else "")
+            f"{f(r.get('syncbn_host_us'), 0):>7} {g(r.get('fast_fwd_bwd')):>8} {f(r.get('fast_host_us'), 0):>9}"
+            + (" ERR" if r.get("errors") else "")
         )
     out.append("targets:")
     for name, value, goal, ok in data["summary"]["targets"]:

@@ -40,3 +40,43 @@ def test_gpu_training_benchmark_code_runs_as_a_cpu_smoke_test(tmp_path):
         assert all(row[c] > 0 for c in ("batchnorm", "syncbn", "syncbn-fast-launch"))
     assert "syncbn, fast launch / BatchNorm2d" in (tmp_path / "train-smoke-test-on-cpu.md").read_text()
     assert (tmp_path / "train-smoke-test-on-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernel_benchmark_report_from_synthetic_timings(tmp_path):
+    """bench_kernels' rows, targets and report (which only a GPU can time), from made-up timings."""
+    import argparse
+
+    from benchmarks import bench_kernels as bk
+
+    def timing(ms):
+        return {"fwd": (ms, ms, ms), "fwd_bwd": (2 * ms, 2 * ms, 2 * ms)}
+
+    rows = []
+    for dname, layout_kind in (("fp32", "contiguous"), ("bf16", "channels_last")):
+        res = {
+            "syncbn": dict(timing(0.1), host_us_fwd_bwd=300.0, graph_fwd_bwd=0.15),
+            "F.batch_norm": timing(0.2),
+            "torch SyncBN": timing(0.5),
+            "syncbn fast launch": {"fwd_bwd": (0.1, 0.1, 0.1), "host_us_fwd_bwd": 120.0},
+        }
+        rows.append(bk.make_row("(32, 64, 112, 112)", "", dname, "NCHW", layout_kind, bk.BIG, res, 3e12))
+    broken = {"syncbn": timing(0.1), "F.batch_norm": timing(0.2), "torch SyncBN": {"error": "RuntimeError: x"}}
+    rows.append(bk.make_row("(8, 2048)", "", "fp32", "NC", "contiguous", 1000, broken, 3e12))
+    row = rows[0]
+    assert row["vs_bn_fwd_bwd"] == 2.0 and row["vs_torch_fwd_bwd"] == 5.0 and row["vs_bn_fwd_bwd_fast"] == 4.0
+    assert abs(row["floor_fwd_bwd"] - 8 * bk.BIG / 3e12 / 0.2e-3) < 1e-12
+    assert rows[2]["errors"] == "torch SyncBN: RuntimeError: x" and "vs_torch_fwd_bwd" not in rows[2]
+
+    summary = bk.summarize(rows)
+    targets = {name: (value, ok) for name, value, goal, ok in summary["targets"]}
+    assert targets["fast launch: fwd+bwd speedup vs torch SyncBN path (geomean, all)"][0] > 5.0
+    assert targets["fwd_bwd speedup vs F.batch_norm, fp32 (geomean)"] == (2.0, True)
+    passes = {n: {"ms": 0.05, "bytes": bk.BIG, "bytes_per_s": bk.BIG / 0.05e-3} for n in bk.PASSES}
+    breakdown = [{"shape": "(32, 64, 112, 112)", "dtype": "fp32", "layout": "NCHW", "passes": passes}]
+    env = {"device": "Test GPU", "sms": 1, "memory_gib": 1, "driver": "-", "torch": "-", "cuda": "-",
+           "triton": "-", "cudnn": "-", "python": "-", "date": "-"}  # fmt: skip
+    args = argparse.Namespace(quick=True, tuning="", layers="", warmup=1, rep=1, out=tmp_path)
+    md = bk.write_report(tmp_path, env, 3e12, rows, breakdown, summary, args, 1.0)
+    text = md.read_text()
+    assert "f+b fast launch" in text and "finalize_normalize" in text and "**no**" in text
+    assert json.loads((tmp_path / "kernels-test-gpu.json").read_text())["summary"]["targets"]
