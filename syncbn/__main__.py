@@ -85,6 +85,10 @@ def info() -> int:
             print(f"            {device.upper()} tensor, {dtypes}: {_describe_path(path)}{note}")
     print("            communication: per layer, one all_reduce of 2C+1 float64 values in forward")
     print("            and one of 2C in backward, when the process group has more than one rank")
+    if kernels:
+        fast = triton_backend().fast_launch_enabled()
+        print("            kernel launches: " + ("direct (SYNCBN_TRITON_FAST_LAUNCH=1)" if fast else
+              "through Triton's launcher (SYNCBN_TRITON_FAST_LAUNCH=1: direct, experimental)"))
 
     env = {k: v for k, v in os.environ.items() if k.startswith("SYNCBN_")}
     print("environment " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no SYNCBN_* variables set"))

@@ -26,6 +26,8 @@ def test_info():
     assert "gloo: yes" in out
     assert "CPU tensor, float64: torch ops" in out
     assert re.search(r"CUDA tensor, float32/float16/bfloat16: (Triton kernels|torch ops)", out), out
+    if "syncbn kernels load: yes" in out:
+        assert re.search(r"kernel launches: (through Triton's launcher|direct)", out), out
 
 
 def _check_table(out: str) -> None:
