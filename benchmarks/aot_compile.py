@@ -1,6 +1,7 @@
 """Compile every kernel launch of the benchmark layers for a GPU target, without a GPU.
 
     PYTHONPATH=. python benchmarks/aot_compile.py [--arch 90] [--quick]
+    PYTHONPATH=. python benchmarks/aot_compile.py --resnet50     # count a ResNet-50's compiles
 
 Runs the real launchers of ``syncbn.ops.triton`` on ``meta`` tensors with the kernels replaced by
 recorders, then compiles each distinct launch with ``triton.compile`` for ``sm_<arch>`` (the
@@ -125,13 +126,46 @@ def resource_usage(cubin: bytes):
             int(local.group(1)) if local else None)  # fmt: skip
 
 
+def resnet50_bn_shapes(batch: int, image: int = 224) -> list[tuple[int, ...]]:
+    """Input shapes of a ResNet-50's 53 BatchNorm layers, in order."""
+    shapes = [(batch, 64, image // 2, image // 2)]
+    side = image // 4
+    for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(blocks):
+            shapes.append((batch, planes, side, side))  # bn1, before the stride
+            side //= stride if i == 0 else 1
+            shapes += [(batch, planes, side, side), (batch, 4 * planes, side, side)]  # bn2, bn3
+            if i == 0:
+                shapes.append((batch, 4 * planes, side, side))  # the downsample branch
+    return shapes
+
+
+def count_resnet50_compiles() -> None:
+    """Distinct kernel specializations (= Triton compiles) of a ResNet-50's training step."""
+    for batch, dtype, fmt, label in ((64, torch.bfloat16, torch.channels_last, "batch 64 bf16 channels_last"),
+                                     (32, torch.float32, torch.contiguous_format, "batch 32 float32 NCHW")):  # fmt: skip
+        shapes = resnet50_bn_shapes(batch)
+        keys = set()
+        for shape in shapes:
+            for name, jit_fn, a, kw in record_layer(shape, dtype, fmt):
+                sig, consts, attrs = signature_of(jit_fn, a, kw)
+                keys.add((name, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
+                          kw.get("num_warps", 4)))  # fmt: skip
+        print(f"ResNet-50, {label}: {len(shapes)} BatchNorm layers, {len(set(shapes))} distinct shapes, "
+              f"{len(keys)} distinct compiles")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--resnet50", action="store_true", help="only count the compiles of a ResNet-50 step")
     args = ap.parse_args(argv)
     K.TUNING = K.Tuning(sm_count=args.sms)
+    if args.resnet50:
+        count_resnet50_compiles()
+        return 0
     target = GPUTarget("cuda", args.arch, 32)
 
     seen = {}
