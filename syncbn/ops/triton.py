@@ -881,7 +881,7 @@ def _constexpr_tail(kernel, args: tuple, consts: dict) -> tuple | None:
 
 
 def _no_hook(hook) -> bool:
-    # None, or an empty HookChain (Triton 3.5 and later keep a chain that is never None).
+    # None, or an empty HookChain (Triton 3.6 and 3.9, at least, keep a chain that is never None).
     return hook is None or getattr(hook, "calls", None) == []
 
 
