@@ -648,16 +648,18 @@ class _View:
     inner: int  # S (ncs) or 1 (mc)
 
 
+def _contiguous_view(shape: torch.Size) -> _View:
+    """The view of a contiguous tensor of ``shape``: ``ncs``, or ``mc`` when ``S == 1``."""
+    n, c, s = shape[0], shape[1], math.prod(shape[2:])
+    return _View("mc", n, c, 1) if s == 1 else _View("ncs", n, c, s)
+
+
 def _classify(x: torch.Tensor) -> _View | None:
     """How ``x``'s memory is walked, or None when its strides fit neither layout."""
-    n, c = x.shape[0], x.shape[1]
-    s = math.prod(x.shape[2:])
     if x.is_contiguous():
-        if s == 1:
-            return _View("mc", n, c, 1)
-        return _View("ncs", n, c, s)
+        return _contiguous_view(x.shape)
     if x.movedim(1, -1).is_contiguous():
-        return _View("mc", n * s, c, 1)
+        return _View("mc", x.shape[0] * math.prod(x.shape[2:]), x.shape[1], 1)
     return None
 
 
@@ -693,7 +695,6 @@ class _ReduceConfig:
     merge_warps: int
 
 
-@functools.lru_cache(maxsize=1024)
 def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _ReduceConfig:
     """Split every channel's values into T tiles over about ``sms * programs_per_sm`` programs.
 
@@ -761,7 +762,6 @@ class _ElemtConfig:
     num_warps: int
 
 
-@functools.lru_cache(maxsize=1024)
 def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
     """One tile of ``tile_bytes`` per program; rows of S (ncs) or of C (mc) as the inner axis."""
     tile = _tile_elems(itemsize, tuning)
@@ -812,8 +812,7 @@ def _plan(x: torch.Tensor) -> _Plan:
         view = _classify(x)
         dense = view is not None
         if not dense:  # read as a contiguous copy: the contiguous rules apply
-            s = math.prod(x.shape[2:])
-            view = _View("mc", x.shape[0], x.shape[1], 1) if s == 1 else _View("ncs", x.shape[0], x.shape[1], s)
+            view = _contiguous_view(x.shape)
         itemsize = x.element_size()
         reduce = _reduce_config(view, itemsize, _sm_count(x.device), tuning)
         elemt = _elemt_config(view, itemsize, tuning)
@@ -1035,15 +1034,15 @@ def _elemt(
     sums: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
-    running: tuple = (),
-    running_flags: dict | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    momentum: float | torch.Tensor = 0.0,
     eps: float = 0.0,
 ) -> torch.Tensor:
     """One elementwise pass: normalize (``dy`` None) or the input gradient.
 
     With ``stats`` (forward only), mean and invstd are outputs: the kernel finalizes them from
-    the all-reduced statistics and updates the running buffers (``running``, from
-    ``_running_args``) on the way.
+    the all-reduced statistics and updates the running buffers on the way.
     """
     x, plan = _dense(x)
     view, cfg = plan.view, plan.elemt
@@ -1052,8 +1051,7 @@ def _elemt(
         dy = _match_layout(dy, x, view)
     out = torch.empty_like(x)  # x is dense here: same strides, same view
     from_stats = stats is not None
-    if not from_stats:
-        running, running_flags = _running_args(None, None, 0.0, mean)
+    running, running_flags = _running_args(running_mean, running_var, momentum, mean)
     args = (
         x, dy if backward else x, out, mean, invstd,
         weight if weight is not None else mean, bias if bias is not None else mean,
@@ -1114,8 +1112,10 @@ def finalize_normalize(
         return torch.empty_like(x), mean, invstd
     mean_invstd = torch.empty((2, x.shape[1]), dtype=torch.float32, device=x.device)
     mean, invstd = mean_invstd[0], mean_invstd[1]
-    running, flags = _running_args(running_mean, running_var, momentum, mean)
-    out = _elemt(x, None, mean, invstd, weight, bias, stats=stats, running=running, running_flags=flags, eps=eps)
+    out = _elemt(
+        x, None, mean, invstd, weight, bias, stats=stats, running_mean=running_mean,
+        running_var=running_var, momentum=momentum, eps=eps,
+    )  # fmt: skip
     return out, mean, invstd
 
 
