@@ -83,7 +83,7 @@ def main() -> None:
 
     xd = x.detach()
     stats, scratch = ops.forward_stats(xd)
-    _, mean, invstd = ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)
+    _, mean, invstd = ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)  # for the backward rows
     sums = ops.backward_reduce(grad, xd, mean)
     count = stats[-1]
     small = torch.ones(2 * channels + 1, device=device, dtype=torch.float64)
@@ -100,12 +100,8 @@ def main() -> None:
         def backward(ctx, g):
             return g
 
-    class ReduceInBackward(torch.autograd.Function):
+    class ReduceInBackward(Identity):
         """An all-reduce made in backward, on the autograd engine's thread, as syncbn's is."""
-
-        @staticmethod
-        def forward(ctx, t):
-            return t.view_as(t)
 
         @staticmethod
         def backward(ctx, g):
@@ -115,6 +111,12 @@ def main() -> None:
     def through(fn):
         return lambda: torch.autograd.grad(fn.apply(x), (x,), grad)
 
+    def fused_forward():
+        return ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)
+
+    def fused_backward():
+        return ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32)
+
     rows = [
         ("F.batch_norm fwd+bwd (autograd.grad)", host_us(bn_fwd_bwd, device=device)),
         # torch's SyncBN Function has no CPU kernels
@@ -122,8 +124,8 @@ def main() -> None:
         ("syncbn fwd", host_us(syncbn_fwd, device=device)),
         ("syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
         ("  ops.forward_stats (Triton: 2 launches)", host_us(lambda: ops.forward_stats(xd), device=device)),
-        ("  ops.finalize_normalize (Triton: 1)", host_us(lambda: ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1), device=device)),
-        ("  ops.backward_reduce_affine (Triton: 2)", host_us(lambda: ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32), device=device)),
+        ("  ops.finalize_normalize (Triton: 1)", host_us(fused_forward, device=device)),
+        ("  ops.backward_reduce_affine (Triton: 2)", host_us(fused_backward, device=device)),
         ("  ops.backward_elemt (Triton: 1)", host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, wd, sums, count), device=device)),
         ("  forward_pass (no autograd)", host_us(lambda: syncbn.functional.forward_pass(xd, wd, bias.detach(), running_mean, running_var, 0.1, 1e-5, None, True), device=device)),
         ("  backward_pass (no autograd)", host_us(lambda: syncbn.functional.backward_pass(grad, xd, wd, mean, invstd, count, None, True, (True, True, True), torch.float32), device=device)),
@@ -140,8 +142,8 @@ def main() -> None:
     rows += [
         ("fast launch: syncbn fwd", host_us(syncbn_fwd, device=device)),
         ("fast launch: syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
-        ("fast launch:   ops.finalize_normalize (Triton: 1)", host_us(lambda: ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1), device=device)),
-        ("fast launch:   ops.backward_reduce_affine (Triton: 2)", host_us(lambda: ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32), device=device)),
+        ("fast launch:   ops.finalize_normalize (Triton: 1)", host_us(fused_forward, device=device)),
+        ("fast launch:   ops.backward_reduce_affine (Triton: 2)", host_us(fused_backward, device=device)),
     ]
     os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "0"
     # Every thread's ops (cProfile below sees only this thread, not the autograd engine's).
