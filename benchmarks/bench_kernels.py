@@ -27,7 +27,6 @@ prints one line per case while it runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import inspect
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import fast_launch  # noqa: E402
 from syncbn.functional import sync_batch_norm  # noqa: E402
 from syncbn.ops import backend_name  # noqa: E402
 
@@ -186,19 +186,6 @@ def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
                 except Exception as e:  # noqa: BLE001 - recorded in the row's errors
                     out["syncbn fast launch"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
-
-
-@contextlib.contextmanager
-def fast_launch():
-    saved = os.environ.get("SYNCBN_TRITON_FAST_LAUNCH")
-    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["SYNCBN_TRITON_FAST_LAUNCH"]
-        else:
-            os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = saved
 
 
 GRAPH_TIMING = {"enabled": True}

@@ -21,7 +21,6 @@ Writes ``benchmarks/results/train-<device>.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import re
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import syncbn  # noqa: E402
-from benchmarks.common import RESULTS, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
+from benchmarks.common import FAST_LAUNCH_ENV, RESULTS, fast_launch, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,23 +144,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
 
 GPU_CHOICES = ("batchnorm", "syncbn", "syncbn-fast-launch", "torch-syncbn")
 GPU_CONFIGS = ((64, True), (32, False))  # (batch, bf16 autocast + channels_last)
-FAST_LAUNCH_ENV = "SYNCBN_TRITON_FAST_LAUNCH"
 HEADERS = {"batchnorm": "BatchNorm2d", "syncbn": "syncbn", "syncbn-fast-launch": "syncbn, fast launch",
            "torch-syncbn": "torch SyncBN path"}  # fmt: skip
-
-
-@contextlib.contextmanager
-def launch_mode(choice: str):
-    """syncbn's Triton launches: the fast path for "syncbn-fast-launch", Triton's own otherwise."""
-    saved = os.environ.get(FAST_LAUNCH_ENV)
-    os.environ[FAST_LAUNCH_ENV] = "1" if choice == "syncbn-fast-launch" else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(FAST_LAUNCH_ENV, None)
-        else:
-            os.environ[FAST_LAUNCH_ENV] = saved
 
 
 def gpu_step_times(
@@ -181,14 +165,14 @@ def gpu_step_times(
         model = model.to(device, memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps[choice] = functools.partial(train_step, model, opt, x, target, bf16)
-        with launch_mode(choice):
+        with fast_launch(choice == "syncbn-fast-launch"):
             for _ in range(args.warmup):  # compiles syncbn's kernels for every layer shape
                 steps[choice]()
     cuda = device.type == "cuda"
     times: dict[str, list[float]] = {c: [] for c in choices}
     for _ in range(args.blocks):
         for choice in choices:
-            with launch_mode(choice):
+            with fast_launch(choice == "syncbn-fast-launch"):
                 if cuda:
                     torch.cuda.synchronize()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -6,6 +6,7 @@ Each benchmark writes ``<name>.json`` (meta + rows), ``<name>.md`` (a table) and
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -22,6 +23,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# syncbn.ops.triton.FAST_LAUNCH_ENV, named here without importing Triton.
+FAST_LAUNCH_ENV = "SYNCBN_TRITON_FAST_LAUNCH"
+
+
+@contextlib.contextmanager
+def fast_launch(on: bool = True):
+    """syncbn's Triton launches inside the block: direct (``on``) or through Triton's launcher;
+    ``SYNCBN_TRITON_FAST_LAUNCH`` restored after (read per launch, so this takes effect at once)."""
+    saved = os.environ.get(FAST_LAUNCH_ENV)
+    os.environ[FAST_LAUNCH_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FAST_LAUNCH_ENV, None)
+        else:
+            os.environ[FAST_LAUNCH_ENV] = saved
 
 
 def machine() -> str:

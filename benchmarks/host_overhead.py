@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import syncbn  # noqa: E402
+from benchmarks.common import fast_launch  # noqa: E402
 from syncbn.ops import backend_for  # noqa: E402
 
 
@@ -138,14 +139,13 @@ def main() -> None:
         ("  check_input", host_us(lambda: syncbn.functional.check_input(x, channels))),
     ]
     # The same with the fast launch path (compiled kernels relaunched directly; CUDA only).
-    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "1"
-    rows += [
-        ("fast launch: syncbn fwd", host_us(syncbn_fwd, device=device)),
-        ("fast launch: syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
-        ("fast launch:   ops.finalize_normalize (Triton: 1)", host_us(fused_forward, device=device)),
-        ("fast launch:   ops.backward_reduce_affine (Triton: 2)", host_us(fused_backward, device=device)),
-    ]
-    os.environ["SYNCBN_TRITON_FAST_LAUNCH"] = "0"
+    with fast_launch():
+        rows += [
+            ("fast launch: syncbn fwd", host_us(syncbn_fwd, device=device)),
+            ("fast launch: syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
+            ("fast launch:   ops.finalize_normalize (Triton: 1)", host_us(fused_forward, device=device)),
+            ("fast launch:   ops.backward_reduce_affine (Triton: 2)", host_us(fused_backward, device=device)),
+        ]
     # Every thread's ops (cProfile below sees only this thread, not the autograd engine's).
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(50):
