@@ -126,6 +126,12 @@ def resource_usage(cubin: bytes):
             int(local.group(1)) if local else None)  # fmt: skip
 
 
+def compile_key(name: str, sig: dict, consts: dict, attrs: dict, kw: dict) -> tuple:
+    """What makes two launches one compile: kernel, signature, constexprs, alignment, warps."""
+    return (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
+            kw.get("num_warps", 4))  # fmt: skip
+
+
 def resnet50_bn_shapes(batch: int, image: int = 224) -> list[tuple[int, ...]]:
     """Input shapes of a ResNet-50's 53 BatchNorm layers, in order."""
     shapes = [(batch, 64, image // 2, image // 2)]
@@ -148,9 +154,7 @@ def count_resnet50_compiles() -> None:
         keys = set()
         for shape in shapes:
             for name, jit_fn, a, kw in record_layer(shape, dtype, fmt):
-                sig, consts, attrs = signature_of(jit_fn, a, kw)
-                keys.add((name, tuple(sorted(sig.items())), tuple(sorted(consts.items())), tuple(sorted(attrs)),
-                          kw.get("num_warps", 4)))  # fmt: skip
+                keys.add(compile_key(name, *signature_of(jit_fn, a, kw), kw))
         print(f"ResNet-50, {label}: {len(shapes)} BatchNorm layers, {len(set(shapes))} distinct shapes, "
               f"{len(keys)} distinct compiles")
 
@@ -178,8 +182,7 @@ def main(argv=None):
                 first = not seen
                 for name, jit_fn, a, kw in record_layer(shape, dtype, fmt, variants=first):
                     sig, consts, attrs = signature_of(jit_fn, a, kw)
-                    key = (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
-                           tuple(sorted(attrs)), kw.get("num_warps", 4))  # fmt: skip
+                    key = compile_key(name, sig, consts, attrs, kw)
                     if key in seen:
                         seen[key]["layers"].append(f"{shape} {dname} {lname}")
                         continue
