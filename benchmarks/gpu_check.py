@@ -29,6 +29,7 @@ Nothing is installed: it uses the machine's python, torch, Triton and pytest.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -159,11 +160,11 @@ def bench_table(results_dir: Path) -> list[str]:
 
 
 def main() -> int:
-    only = set(STEPS)
-    if "--only" in sys.argv:
-        only = set(sys.argv[sys.argv.index("--only") + 1].split(","))
-        if not only <= set(STEPS):
-            sys.exit(f"--only takes a comma-separated subset of {','.join(STEPS)}")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(STEPS), help=f"a comma-separated subset of {','.join(STEPS)}")
+    only = set(ap.parse_args().only.split(","))
+    if not only <= set(STEPS):
+        ap.error(f"--only takes a comma-separated subset of {','.join(STEPS)}")
     log_dir, results_dir = out_dirs()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
