@@ -148,15 +148,20 @@ def resnet50_bn_shapes(batch: int, image: int = 224) -> list[tuple[int, ...]]:
 
 def count_resnet50_compiles() -> None:
     """Distinct kernel specializations (= Triton compiles) of a ResNet-50's training step."""
-    for batch, dtype, fmt, label in ((64, torch.bfloat16, torch.channels_last, "batch 64 bf16 channels_last"),
-                                     (32, torch.float32, torch.contiguous_format, "batch 32 float32 NCHW")):  # fmt: skip
+    configs = (
+        (64, torch.bfloat16, torch.channels_last, "batch 64 bf16 channels_last"),
+        (32, torch.float32, torch.contiguous_format, "batch 32 float32 NCHW"),
+    )
+    for batch, dtype, fmt, label in configs:
         shapes = resnet50_bn_shapes(batch)
         keys = set()
         for shape in shapes:
             for name, jit_fn, a, kw in record_layer(shape, dtype, fmt):
                 keys.add(compile_key(name, *signature_of(jit_fn, a, kw), kw))
-        print(f"ResNet-50, {label}: {len(shapes)} BatchNorm layers, {len(set(shapes))} distinct shapes, "
-              f"{len(keys)} distinct compiles")
+        print(
+            f"ResNet-50, {label}: {len(shapes)} BatchNorm layers, {len(set(shapes))} distinct shapes, "
+            f"{len(keys)} distinct compiles"
+        )
 
 
 def main(argv=None):

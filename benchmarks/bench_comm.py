@@ -22,7 +22,16 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
+from benchmarks.common import (
+    RESULTS,
+    interleaved_medians,
+    meta,
+    meta_line,
+    run_world,
+    save_figure,
+    slowest_rank,
+    write_results,
+)  # noqa: E402
 
 # torch 2.13 renamed all_gather_into_tensor
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -139,7 +148,10 @@ def main() -> None:
         "| W | C | syncbn all-reduce (ms) | torch all-gather (ms) |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {r['world']} | {r['channels']} | {r['syncbn all_reduce']:.3f} | {r['torch all_gather']:.3f} |" for r in measured]
+    lines += [
+        f"| {r['world']} | {r['channels']} | {r['syncbn all_reduce']:.3f} | {r['torch all_gather']:.3f} |"
+        for r in measured
+    ]
     ratios = [r["syncbn all_reduce"] / r["torch all_gather"] for r in measured]
     faster = "faster" if sorted(ratios)[len(ratios) // 2] < 1 else "slower"
     lines += [
@@ -154,7 +166,8 @@ def main() -> None:
         "",
         "## Computed bytes per rank per layer, forward (ring algorithms)",
         "",
-        "| W | C | syncbn received (KiB) | syncbn result (KiB) | torch received (KiB) | torch result (KiB) | torch / syncbn received |",
+        "| W | C | syncbn received (KiB) | syncbn result (KiB) | torch received (KiB) | torch result (KiB) "
+        "| torch / syncbn received |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [

@@ -62,7 +62,9 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
         candidates = {
             "F.batch_norm": lambda: F.batch_norm(x, None, None, weight, bias, True).backward(grad),
             "syncbn": lambda: sync_batch_norm(x, None, None, weight, bias, True).backward(grad),
-            "syncbn unsynced": lambda: sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(grad),
+            "syncbn unsynced": lambda: sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(
+                grad
+            ),
             "all_reduce x2": collectives,
             "F.batch_norm + all_reduce x2": f_batch_norm_with_collectives,
         }
@@ -95,7 +97,8 @@ def report(rows: list[dict], world: int, out_dir: Path) -> None:
         "makes them (between forward and backward, and after backward), so that it pays the same "
         "waits for the other rank. Each figure is the slower rank's median.",
         "",
-        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | target <= 1.5x | syncbn unsynced (ms) | unsynced / F.batch_norm | all_reduce x2 (ms) | F.batch_norm + all_reduce x2 (ms) | syncbn / control |",
+        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | target <= 1.5x | syncbn unsynced (ms) "
+        "| unsynced / F.batch_norm | all_reduce x2 (ms) | F.batch_norm + all_reduce x2 (ms) | syncbn / control |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

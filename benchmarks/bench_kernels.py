@@ -181,7 +181,8 @@ def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
             with fast_launch():
                 try:
                     out["syncbn fast launch"] = {
-                        "fwd_bwd": bench(fwd_bwd, warmup, rep), "host_us_fwd_bwd": host_time_us(fwd_bwd)
+                        "fwd_bwd": bench(fwd_bwd, warmup, rep),
+                        "host_us_fwd_bwd": host_time_us(fwd_bwd),
                     }
                 except Exception as e:  # noqa: BLE001 - recorded in the row's errors
                     out["syncbn fast launch"] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -243,11 +244,10 @@ def run_breakdown(shape, dtype, memory_format, warmup, rep):
         "local_stats": (lambda: ops.local_stats(x), s_bytes),
         "finalize_normalize": (lambda: ops.finalize_normalize(x, stats, EPS, w, b, rm, rv, MOMENTUM), 2 * s_bytes),
         "backward_reduce_affine": (
-            lambda: ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.float32), 2 * s_bytes
+            lambda: ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.float32),
+            2 * s_bytes,
         ),
-        "backward_elemt": (
-            lambda: ops.backward_elemt(dy, x, mean, invstd, w, sums, stats[-1]), 3 * s_bytes
-        ),
+        "backward_elemt": (lambda: ops.backward_elemt(dy, x, mean, invstd, w, sums, stats[-1]), 3 * s_bytes),
     }
     out = {}
     for name, (fn, nbytes) in passes.items():
@@ -339,7 +339,8 @@ def summarize(rows):
     for f in floor:
         for mode in ("fwd", "fwd_bwd"):
             v = f[mode]
-            targets.append((f"floor fraction {mode}, {f['dtype']} {f['layouts']} (median of {f['layers']} layers >= 32 MB)",
+            label = f"floor fraction {mode}, {f['dtype']} {f['layouts']} (median of {f['layers']} layers >= 32 MB)"
+            targets.append((label,
                             v, 0.80, v is not None and v >= 0.80))  # fmt: skip
     t = speed["all"]["vs_torch_syncbn_fwd_bwd"]
     targets.append(("fwd+bwd speedup vs torch SyncBN path (geomean, all)", t, 4.0, t is not None and t >= 4.0))
@@ -350,10 +351,14 @@ def summarize(rows):
         targets.append((f"{mode} speedup vs F.batch_norm, bf16 (geomean)", v, 2.0, v is not None and v >= 2.0))
     # With SYNCBN_TRITON_FAST_LAUNCH=1 (not the default yet): the forward+backward targets again.
     t = speed["all"]["vs_torch_syncbn_fwd_bwd_fast"]
-    targets.append(("fast launch: fwd+bwd speedup vs torch SyncBN path (geomean, all)", t, 4.0, t is not None and t >= 4.0))
+    targets.append(
+        ("fast launch: fwd+bwd speedup vs torch SyncBN path (geomean, all)", t, 4.0, t is not None and t >= 4.0)
+    )
     for label, goal in (("fp32", 1.0), ("bf16", 2.0)):
         v = speed[label]["vs_batch_norm_fwd_bwd_fast"]
-        targets.append((f"fast launch: fwd_bwd speedup vs F.batch_norm, {label} (geomean)", v, goal, v is not None and v >= goal))
+        targets.append(
+            (f"fast launch: fwd_bwd speedup vs F.batch_norm, {label} (geomean)", v, goal, v is not None and v >= goal)
+        )
     return {"floor": floor, "speedups": speed, "targets": targets}
 
 
@@ -412,13 +417,16 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         )
     errors = [(r["shape"], r["dtype"], r["layout"], r["errors"]) for r in rows if r.get("errors")]
     if errors:
-        lines += ["", "Errors:", ""] + [f"- {s} {d} {l}: {e}" for s, d, l, e in errors]
+        lines += ["", "Errors:", ""] + [f"- {s} {d} {layout}: {e}" for s, d, layout, e in errors]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
     for name, value, goal, ok in summary["targets"]:
         lines.append(f"| {name} | {fmt(value, 2)} | {goal} | {'yes' if ok else '**no**'} |")
     lines += ["", "Geometric-mean speedups of syncbn (x = other time / syncbn time):", ""]
-    lines += ["| set | vs torch SyncBN fwd | vs torch SyncBN f+b | vs F.bn fwd | vs F.bn f+b "
-              "| fast launch: vs torch SyncBN f+b | fast launch: vs F.bn f+b |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| set | vs torch SyncBN fwd | vs torch SyncBN f+b | vs F.bn fwd | vs F.bn f+b "
+        "| fast launch: vs torch SyncBN f+b | fast launch: vs F.bn f+b |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, s in summary["speedups"].items():
         lines.append(
             f"| {label} | {fmt(s['vs_torch_syncbn_fwd'], 2)} | {fmt(s['vs_torch_syncbn_fwd_bwd'], 2)} "
@@ -430,7 +438,8 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
                   "Fraction = bytes at the floor (stats S, normalize 2S, backward reduce 2S, backward "
                   "elementwise 3S) / copy rate / time. Each pass includes its small second kernel "
                   "(the tile merge) and its allocations.", "",
-                  "| layer | dtype | layout | local_stats | finalize_normalize | backward_reduce_affine | backward_elemt |",
+                  "| layer | dtype | layout | local_stats | finalize_normalize | backward_reduce_affine "
+                  "| backward_elemt |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for b in breakdown:
             cells = []
@@ -455,7 +464,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-pass timings")
-    ap.add_argument("--tuning", default="", help="launch-rule overrides, e.g. tile_bytes=16384,reduce_programs_per_sm=4")
+    ap.add_argument(
+        "--tuning", default="", help="launch-rule overrides, e.g. tile_bytes=16384,reduce_programs_per_sm=4"
+    )
     ap.add_argument("--layers", default="", help="only layers whose shape contains this text, e.g. '2048'")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

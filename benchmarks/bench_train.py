@@ -37,8 +37,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import syncbn  # noqa: E402
-from benchmarks.common import FAST_LAUNCH_ENV, RESULTS, fast_launch, meta, meta_line, run_world, save_figure, slowest_rank, write_results  # noqa: E402
-
+from benchmarks.common import (
+    FAST_LAUNCH_ENV,
+    RESULTS,
+    fast_launch,
+    meta,
+    meta_line,
+    run_world,
+    save_figure,
+    slowest_rank,
+    write_results,
+)  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -75,7 +84,12 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
         return tv_resnet50(num_classes=num_classes)
     except Exception:  # torchvision missing or broken
         pass
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     inplanes = 64
     for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for i in range(blocks):
@@ -129,7 +143,9 @@ def with_bn(model: nn.Module, choice: str, group=None) -> nn.Module:
     return model  # plain BatchNorm2d
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor, bf16: bool = False) -> None:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor, bf16: bool = False
+) -> None:
     """One SGD step: forward (bf16 autocast when asked), cross-entropy, backward, update."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(model(x), target)
@@ -209,7 +225,10 @@ def run_gpu(args: argparse.Namespace) -> None:
         print(f"[{i}/{len(configs)}] {label}: {', '.join(choices)} ...", flush=True)
         row = {"config": label, **gpu_step_times(batch, bf16, choices, args, device, image)}
         for choice in choices:
-            print(f"    {choice:<20} {row[choice]:8.2f} ms/step  ({row[choice] / row['batchnorm']:.3f}x BatchNorm2d)", flush=True)
+            print(
+                f"    {choice:<20} {row[choice]:8.2f} ms/step  ({row[choice] / row['batchnorm']:.3f}x BatchNorm2d)",
+                flush=True,
+            )
         rows.append(row)
     dist.destroy_process_group()
     device_name = "smoke test on CPU" if args.smoke else torch.cuda.get_device_name()
@@ -224,16 +243,22 @@ def run_gpu(args: argparse.Namespace) -> None:
         f"SGD step (forward, backward, optimizer) of a ResNet-50 at {image}x{image}, median ms per step "
         f"over {args.blocks} blocks of {args.steps} steps, blocks interleaved across the choices. "
         "syncbn and torch SyncBN run their synced paths at world size 1 (both collectives per "
-        "layer, NCCL); BatchNorm2d is plain nn.BatchNorm2d; \"fast launch\" is syncbn with "
+        'layer, NCCL); BatchNorm2d is plain nn.BatchNorm2d; "fast launch" is syncbn with '
         f"`{FAST_LAUNCH_ENV}=1`. Targets: syncbn within 5% of BatchNorm2d, and faster than it in bf16.",
         "",
-        "| config | " + " | ".join(f"{HEADERS[c]} (ms)" for c in choices) + " | "
-        + " | ".join(f"{HEADERS[c]} / BatchNorm2d" for c in others) + " |",
+        "| config | "
+        + " | ".join(f"{HEADERS[c]} (ms)" for c in choices)
+        + " | "
+        + " | ".join(f"{HEADERS[c]} / BatchNorm2d" for c in others)
+        + " |",
         "|---" * (1 + len(choices) + len(others)) + "|",
     ]
     lines += [
-        f"| {r['config']} | " + " | ".join(f"{r[c]:.2f}" for c in choices) + " | "
-        + " | ".join(f"{r[c] / r['batchnorm']:.3f}x" for c in others) + " |"
+        f"| {r['config']} | "
+        + " | ".join(f"{r[c]:.2f}" for c in choices)
+        + " | "
+        + " | ".join(f"{r[c] / r['batchnorm']:.3f}x" for c in others)
+        + " |"
         for r in rows
     ]
     lines.append(f"\n![step time]({name}.png)")
@@ -286,7 +311,10 @@ def run_cpu(args: argparse.Namespace) -> None:
     world = 2
     times = run_world(world, _cpu_rank, args)
     row = {"config": f"small CNN, 32x32, batch {args.cpu_batch} per rank, {world} gloo ranks", **times}
-    print(f"{row['config']}: BatchNorm2d {times['batchnorm']:.2f} ms, syncbn {times['syncbn']:.2f} ms per step", flush=True)
+    print(
+        f"{row['config']}: BatchNorm2d {times['batchnorm']:.2f} ms, syncbn {times['syncbn']:.2f} ms per step",
+        flush=True,
+    )
     m = meta(world_size=world, threads_per_rank=1)
     lines = [
         "# Training step on CPU: syncbn vs local BatchNorm, 2 gloo ranks",
@@ -299,7 +327,8 @@ def run_cpu(args: argparse.Namespace) -> None:
         "",
         "| config | BatchNorm2d, local (ms) | syncbn (ms) | syncbn / BatchNorm |",
         "|---|---|---|---|",
-        f"| {row['config']} | {times['batchnorm']:.2f} | {times['syncbn']:.2f} | {times['syncbn'] / times['batchnorm']:.2f}x |",
+        f"| {row['config']} | {times['batchnorm']:.2f} | {times['syncbn']:.2f} "
+        f"| {times['syncbn'] / times['batchnorm']:.2f}x |",
         "",
         "![step time](train-cpu.png)",
     ]
@@ -333,7 +362,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--no-fast-launch", action="store_true", help="GPU: leave out syncbn with SYNCBN_TRITON_FAST_LAUNCH=1")
+    parser.add_argument(
+        "--no-fast-launch", action="store_true", help="GPU: leave out syncbn with SYNCBN_TRITON_FAST_LAUNCH=1"
+    )
     parser.add_argument("--smoke", action="store_true", help="the GPU benchmark's code on CPU at toy size (for tests)")
     parser.add_argument("--cpu-batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -72,10 +72,7 @@ def meta(**extra: Any) -> dict:
 
 
 def meta_line(m: dict) -> str:
-    return (
-        f"Machine: {m['machine']}. Python {m['python']}, torch {m['torch']}, syncbn {m['syncbn']}, "
-        f"{m['date']}."
-    )
+    return f"Machine: {m['machine']}. Python {m['python']}, torch {m['torch']}, syncbn {m['syncbn']}, {m['date']}."
 
 
 def write_results(name: str, meta_block: dict, rows: list[dict], markdown: list[str], out_dir: Path = RESULTS) -> None:
@@ -87,7 +84,10 @@ def write_results(name: str, meta_block: dict, rows: list[dict], markdown: list[
 def _rank_main(rank: int, world: int, init_file: str, fn: Callable, args: tuple, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=120),
     )
     try:
@@ -109,7 +109,9 @@ def run_world(world: int, fn: Callable, *args: Any) -> Any:
         with ctx.Manager() as manager:
             results = manager.dict()
             mp.start_processes(
-                _rank_main, args=(world, os.path.join(tmp, "init"), fn, args, results), nprocs=world,
+                _rank_main,
+                args=(world, os.path.join(tmp, "init"), fn, args, results),
+                nprocs=world,
                 start_method="spawn",
             )
             return results["value"]
@@ -120,10 +122,7 @@ def slowest_rank(rows: list[dict], labels: tuple[str, ...] = ()) -> list[dict]:
     the slowest), the ``labels`` keys (shape, channels, ...) taken as they are. Collective."""
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, rows)
-    return [
-        {k: (per[0][k] if k in labels else max(r[k] for r in per)) for k in per[0]}
-        for per in zip(*everyone)
-    ]
+    return [{k: (per[0][k] if k in labels else max(r[k] for r in per)) for k in per[0]} for per in zip(*everyone)]
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -135,8 +134,13 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def interleaved_medians(candidates: dict[str, Callable[[], Any]], rounds: int, iters: int, warmup: int,
-                        barrier: Callable[[], Any] | None = None) -> dict[str, float]:
+def interleaved_medians(
+    candidates: dict[str, Callable[[], Any]],
+    rounds: int,
+    iters: int,
+    warmup: int,
+    barrier: Callable[[], Any] | None = None,
+) -> dict[str, float]:
     """Median over rounds of the mean ms per call, candidates alternating round by round.
 
     Alternating means drift (other load, frequency changes) hits every candidate alike.

@@ -36,8 +36,8 @@ import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -113,10 +113,16 @@ def pytest_cmd(paths: list[str], per_test_timeout: int, workers: int = 0) -> lis
     return cmd + paths
 
 
+_SUMMARY_WORDS = (" passed", " failed", " error")
+
+
 def pytest_result(lines: list[str]) -> tuple[str, list[str]]:
     """The final 'N passed, ...' line and the FAILED/ERROR lines."""
-    summary = next((l.strip("= ") for l in reversed(lines) if (" passed" in l or " failed" in l or " error" in l) and " in " in l), "no pytest summary")
-    failed = [l for l in lines if l.startswith(("FAILED", "ERROR"))]
+    summary = next(
+        (line.strip("= ") for line in reversed(lines) if " in " in line and any(w in line for w in _SUMMARY_WORDS)),
+        "no pytest summary",
+    )
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     return summary, failed
 
 
@@ -174,7 +180,11 @@ def main() -> int:
     print("===== versions =====", flush=True)
     ver = versions()
     print(ver, flush=True)
-    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout if _which("nvidia-smi") else "no nvidia-smi"
+    smi = (
+        subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+        if _which("nvidia-smi")
+        else "no nvidia-smi"
+    )
     print(smi, flush=True)
     (log_dir / "versions.log").write_text(ver + "\n\n" + smi)
 
@@ -208,9 +218,17 @@ def main() -> int:
                 bench.append("--quick")
             steps.append(run_step("bench_kernels", bench, remaining() - 10, log_dir, env))
         else:
-            steps.append({"name": "bench_kernels", "status": "SKIP (no time left)", "seconds": 0, "lines": [], "log": ""})
+            steps.append(
+                {"name": "bench_kernels", "status": "SKIP (no time left)", "seconds": 0, "lines": [], "log": ""}
+            )
     # The assertion lines of every failure, small enough to come back whatever happens to logs.
-    errors = [l for s in steps if s["name"].startswith("pytest") for l in s["lines"] if l.startswith(("E ", "FAILED", "ERROR"))]
+    errors = [
+        line
+        for s in steps
+        if s["name"].startswith("pytest")
+        for line in s["lines"]
+        if line.startswith(("E ", "FAILED", "ERROR"))
+    ]
     (log_dir.parent / "failures.txt").write_text("\n".join(errors[:400]) + "\n")
 
     # ---- summary, last ----
@@ -223,7 +241,7 @@ def main() -> int:
             detail, failed = pytest_result(s["lines"])
             failed_all += failed
         elif s["name"] in ("bench_kernels", "bench_train") and s["lines"]:
-            detail = next((l for l in reversed(s["lines"]) if l.startswith("# wrote")), s["lines"][-1])[:150]
+            detail = next((line for line in reversed(s["lines"]) if line.startswith("# wrote")), s["lines"][-1])[:150]
         elif s["lines"]:
             detail = s["lines"][-1][:150]
         print(f"{s['name']:<20} {s['status']:<14} {s['seconds']:6.0f} s  {detail}")
@@ -232,7 +250,7 @@ def main() -> int:
         for line in failed_all[:15]:
             print("  " + line[:220])
     for train_md in sorted(results_dir.glob("train-*.md")):
-        print("\n".join(l for l in train_md.read_text().splitlines() if l.startswith("|")))
+        print("\n".join(line for line in train_md.read_text().splitlines() if line.startswith("|")))
     print("\n".join(bench_table(results_dir)))
     if os.environ.get("OUT"):
         log_dir = pack_logs(log_dir)

@@ -84,7 +84,9 @@ def main() -> None:
 
     xd = x.detach()
     stats, scratch = ops.forward_stats(xd)
-    _, mean, invstd = ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)  # for the backward rows
+    _, mean, invstd = ops.finalize_normalize(
+        xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1
+    )  # for the backward rows
     sums = ops.backward_reduce(grad, xd, mean)
     count = stats[-1]
     small = torch.ones(2 * channels + 1, device=device, dtype=torch.float64)
@@ -127,9 +129,28 @@ def main() -> None:
         ("  ops.forward_stats (Triton: 2 launches)", host_us(lambda: ops.forward_stats(xd), device=device)),
         ("  ops.finalize_normalize (Triton: 1)", host_us(fused_forward, device=device)),
         ("  ops.backward_reduce_affine (Triton: 2)", host_us(fused_backward, device=device)),
-        ("  ops.backward_elemt (Triton: 1)", host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, wd, sums, count), device=device)),
-        ("  forward_pass (no autograd)", host_us(lambda: syncbn.functional.forward_pass(xd, wd, bias.detach(), running_mean, running_var, 0.1, 1e-5, None, True), device=device)),
-        ("  backward_pass (no autograd)", host_us(lambda: syncbn.functional.backward_pass(grad, xd, wd, mean, invstd, count, None, True, (True, True, True), torch.float32), device=device)),
+        (
+            "  ops.backward_elemt (Triton: 1)",
+            host_us(lambda: ops.backward_elemt(grad, xd, mean, invstd, wd, sums, count), device=device),
+        ),
+        (
+            "  forward_pass (no autograd)",
+            host_us(
+                lambda: syncbn.functional.forward_pass(
+                    xd, wd, bias.detach(), running_mean, running_var, 0.1, 1e-5, None, True
+                ),
+                device=device,
+            ),
+        ),
+        (
+            "  backward_pass (no autograd)",
+            host_us(
+                lambda: syncbn.functional.backward_pass(
+                    grad, xd, wd, mean, invstd, count, None, True, (True, True, True), torch.float32
+                ),
+                device=device,
+            ),
+        ),
         ("  dist.all_reduce (2C+1 float64)", host_us(lambda: dist.all_reduce(small), device=device)),
         ("  identity autograd.Function fwd+bwd", host_us(through(Identity), device=device)),
         ("  same, all_reduce in its backward", host_us(through(ReduceInBackward), device=device)),
@@ -161,7 +182,10 @@ def main() -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
 
-    header = f"# host time per call, {torch.cuda.get_device_name() if cuda else 'CPU'}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
+    device_name = torch.cuda.get_device_name() if cuda else "CPU"
+    header = (
+        f"# host time per call, {device_name}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
+    )
     table = "\n".join([header] + [f"{name:<55} {us:9.1f} us" for name, us in rows])
     print(text.getvalue())
     print(op_table)

@@ -46,18 +46,30 @@ def option(default, help: str, choices: tuple[str, ...] | None = None):
 
 @dataclass
 class Config:
-    data: str = option("synthetic", "synthetic: generated 3x16x16 images of 10 classes, no download; "
-                       "digits: scikit-learn's 1797 bundled 8x8 digit images", ("synthetic", "digits"))
+    data: str = option(
+        "synthetic",
+        "synthetic: generated 3x16x16 images of 10 classes, no download; "
+        "digits: scikit-learn's 1797 bundled 8x8 digit images",
+        ("synthetic", "digits"),
+    )
     epochs: int = option(3, "passes over the training set")
     batch_size: int = option(16, "samples per rank per step (the global batch is this times the world size)")
     lr: float = option(0.1, "peak SGD learning rate, cosine-decayed to 0 over the run")
     weight_decay: float = option(5e-4, "SGD weight decay")
     width: int = option(16, "channels of the first stage (doubled at each of the two later stages)")
     train_size: int = option(4096, "synthetic training images (validation: a quarter as many more)")
-    bn: str = option("sync", "sync: syncbn.SyncBatchNorm over all ranks; local: plain nn.BatchNorm2d per rank", ("sync", "local"))
-    backend: str = option("auto", "auto: nccl with CUDA tensors when CUDA is present, else gloo with CPU tensors", ("auto", "nccl", "gloo"))
+    bn: str = option(
+        "sync", "sync: syncbn.SyncBatchNorm over all ranks; local: plain nn.BatchNorm2d per rank", ("sync", "local")
+    )
+    backend: str = option(
+        "auto",
+        "auto: nccl with CUDA tensors when CUDA is present, else gloo with CPU tensors",
+        ("auto", "nccl", "gloo"),
+    )
     channels_last: bool = option(False, "train in the channels_last memory format")
-    amp: str = option("none", "bf16: torch.autocast to bfloat16 (CPU and GPU); parameters stay float32", ("none", "bf16"))
+    amp: str = option(
+        "none", "bf16: torch.autocast to bfloat16 (CPU and GPU); parameters stay float32", ("none", "bf16")
+    )
     ckpt: str = option("", "checkpoint file, written by rank 0 after every epoch")
     resume: bool = option(False, "continue from --ckpt if that file exists (a requeued job can always pass it)")
     seed: int = option(0, "seed of the data, the initial weights and the shuffling")
@@ -74,7 +86,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+            parser.add_argument(
+                flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"]
+            )
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -215,7 +229,13 @@ def evaluate(model: nn.Module, dataset, device, memory_format, autocast) -> tupl
         x, y = x.to(device, memory_format=memory_format), y.to(device)
         with autocast:
             logits = model(x)
-        totals += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
+        totals += torch.stack(
+            [
+                F.cross_entropy(logits.float(), y, reduction="sum"),
+                (logits.argmax(1) == y).sum(),
+                torch.tensor(len(y), device=device),
+            ]
+        ).double()
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     return loss_sum / count, correct / count, int(count)
 
@@ -256,9 +276,13 @@ def main(cfg: Config) -> None:
     if cfg.bn == "sync":
         model = syncbn.convert_sync_batchnorm(model)  # syncbn: every BatchNorm2d -> syncbn.SyncBatchNorm
     model = model.to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True
+    )
     total_steps = cfg.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
 
     start_epoch = 0
     if cfg.resume and cfg.ckpt and os.path.exists(cfg.ckpt):
@@ -281,11 +305,15 @@ def main(cfg: Config) -> None:
         bn_kind = "syncbn.SyncBatchNorm" if cfg.bn == "sync" else "nn.BatchNorm2d (not synchronized)"
         n_params = sum(p.numel() for p in raw_model.parameters())
         shape = "x".join(map(str, train_set.tensors[0].shape[1:]))
-        print(f"{world} process(es), backend {backend if distributed else 'none'}, {device.type} tensors, "
-              f"amp {cfg.amp}, {'channels_last' if cfg.channels_last else 'contiguous'}")
+        print(
+            f"{world} process(es), backend {backend if distributed else 'none'}, {device.type} tensors, "
+            f"amp {cfg.amp}, {'channels_last' if cfg.channels_last else 'contiguous'}"
+        )
         print(f"model: ResNet, {n_params / 1e3:.0f}k parameters, {n_bn} x {bn_kind}")
-        print(f"data: {cfg.data}, {len(train_set)} train / {len(val_set)} val images of {shape}, batch "
-              f"{cfg.batch_size} per rank ({cfg.batch_size * world} global), {len(loader)} steps per epoch")
+        print(
+            f"data: {cfg.data}, {len(train_set)} train / {len(val_set)} val images of {shape}, batch "
+            f"{cfg.batch_size} per rank ({cfg.batch_size * world} global), {len(loader)} steps per epoch"
+        )
 
     images_per_s = []
     for epoch in range(start_epoch, cfg.epochs):
@@ -304,7 +332,9 @@ def main(cfg: Config) -> None:
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
-                totals += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]).double()
+                totals += torch.stack(
+                    [loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]
+                ).double()
             progress.update(step + 1, lambda: f"loss {loss.item():.3f}")
         progress.close()
         loss_sum, correct, count = all_reduce_sum(totals).tolist()  # waits for every rank's last step
@@ -314,22 +344,33 @@ def main(cfg: Config) -> None:
         if master and cfg.ckpt:
             # The bare model's state_dict: its keys are those of the plain model (SyncBatchNorm
             # has BatchNorm2d's keys), so the checkpoint also loads without syncbn or DDP.
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": dataclasses.asdict(cfg)}
+            state = {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "config": dataclasses.asdict(cfg),
+            }
             torch.save(state, cfg.ckpt + ".tmp")
             os.replace(cfg.ckpt + ".tmp", cfg.ckpt)  # never leave a half-written checkpoint
         if master:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss_sum / count:.3f} acc {100 * correct / count:5.1f}%  "
-                  f"|  val loss {val_loss:.3f} acc {100 * val_acc:5.1f}%  |  {count / elapsed:,.0f} images/s  {elapsed:.1f} s",
-                  flush=True)
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss_sum / count:.3f} acc {100 * correct / count:5.1f}%  "
+                f"|  val loss {val_loss:.3f} acc {100 * val_acc:5.1f}%  "
+                f"|  {count / elapsed:,.0f} images/s  {elapsed:.1f} s",
+                flush=True,
+            )
 
     if not images_per_s:  # resumed after the last epoch: nothing trained, report the checkpoint
         val_loss, val_acc, n_val = evaluate(raw_model, val_share, device, memory_format, autocast)
     if master:
         speed = f", {sum(images_per_s) / len(images_per_s):,.0f} train images/s" if images_per_s else ""
         saved = f"; checkpoint {cfg.ckpt}" if cfg.ckpt else ""
-        print(f"final: val acc {100 * val_acc:.1f}% ({round(val_acc * n_val)}/{n_val}), val loss {val_loss:.3f} "
-              f"after {cfg.epochs} epochs{speed} (bn {cfg.bn}){saved}", flush=True)
+        print(
+            f"final: val acc {100 * val_acc:.1f}% ({round(val_acc * n_val)}/{n_val}), val loss {val_loss:.3f} "
+            f"after {cfg.epochs} epochs{speed} (bn {cfg.bn}){saved}",
+            flush=True,
+        )
     if distributed:
         # Drop the DDP wrapper (its reducer holds gloo work objects) before the process group:
         # in the other order, torch 2.13 with gloo sometimes aborts the process at exit.

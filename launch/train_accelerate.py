@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from train import Config, ResNet, build_datasets  # launch/train.py, next to this file
 
 import syncbn
-from train import Config, ResNet, build_datasets  # launch/train.py, next to this file
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +34,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="samples per process per step")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine-decayed to 0")
     parser.add_argument("--train-size", type=int, default=4096, help="synthetic training images")
-    parser.add_argument("--bn", choices=("sync", "local"), default="sync", help="syncbn.SyncBatchNorm or plain BatchNorm2d")
+    parser.add_argument(
+        "--bn", choices=("sync", "local"), default="sync", help="syncbn.SyncBatchNorm or plain BatchNorm2d"
+    )
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="Accelerate's bf16 mixed precision")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -45,8 +47,10 @@ def main() -> None:
     # cpu=True when there is no GPU: Accelerate then joins the processes with gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.amp == "bf16" else "no")
     if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
-        raise SystemExit(f"launched as {os.environ['WORLD_SIZE']} processes, but Accelerate set up "
-                         f"{accelerator.num_processes}: check the accelerate config")
+        raise SystemExit(
+            f"launched as {os.environ['WORLD_SIZE']} processes, but Accelerate set up "
+            f"{accelerator.num_processes}: check the accelerate config"
+        )
     torch.manual_seed(args.seed)
 
     cfg = Config(data=args.data, train_size=args.train_size, seed=args.seed)
@@ -90,7 +94,10 @@ def main() -> None:
                 pred, y = accelerator.gather_for_metrics((pred, y))
                 correct += (pred == y).sum().item()
                 total += len(y)
-        accelerator.print(f"epoch {epoch + 1}: step {step}, train loss {loss.item():.3f}, val acc {100 * correct / total:.1f}% ({correct}/{total})")
+        accelerator.print(
+            f"epoch {epoch + 1}: step {step}, train loss {loss.item():.3f}, "
+            f"val acc {100 * correct / total:.1f}% ({correct}/{total})"
+        )
         if step >= total_steps:
             break
     # Release the DDP-wrapped model (ours and Accelerate's references) before end_training

@@ -7,7 +7,6 @@ kernels on GPU and a torch-ops path on CPU (gloo).
 from __future__ import annotations
 
 from . import functional
-from .nn import SyncBatchNorm
 
 # Model tools (issue 4): conversion, freezing, sub-groups.
 from .convert import (
@@ -17,6 +16,7 @@ from .convert import (
     unfreeze_batchnorm,
 )
 from .distributed import create_syncbn_process_group
+from .nn import SyncBatchNorm
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,8 @@ def info() -> int:
     import torch.distributed as dist
 
     import syncbn
-    from syncbn.ops import BACKEND_ENV, TRITON_DTYPES, backend_name, triton_backend
+    from syncbn import settings
+    from syncbn.ops import TRITON_DTYPES, backend_name, triton_backend
 
     print(f"syncbn      {syncbn.__version__}  ({os.path.dirname(syncbn.__file__)})")
     print(f"python      {platform.python_version()}  ({platform.platform()})")
@@ -43,8 +44,10 @@ def info() -> int:
         triton_version = f"not importable ({exc})"
     kernels = triton_backend() is not None
     interpret = os.environ.get("TRITON_INTERPRET", "")
-    print(f"triton      {triton_version}; syncbn kernels load: {_yes(kernels)}"
-          + (f"; TRITON_INTERPRET={interpret}" if interpret else ""))
+    print(
+        f"triton      {triton_version}; syncbn kernels load: {_yes(kernels)}"
+        + (f"; TRITON_INTERPRET={interpret}" if interpret else "")
+    )
 
     # torch.distributed and its backends.
     if not dist.is_available():
@@ -65,8 +68,10 @@ def info() -> int:
         print(f"cuda        {torch.cuda.device_count()} device(s)")
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            print(f"            cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
-                  f"{props.total_memory / 2**30:.0f} GiB")
+            print(
+                f"            cuda:{i} {props.name}, compute capability {props.major}.{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB"
+            )
     else:
         print("cuda        not available")
 
@@ -79,7 +84,7 @@ def info() -> int:
                 path, note = backend_name(torch.empty(0, dtype=example, device=device)), ""
             else:
                 # No CUDA tensor can be made here; syncbn.ops.backend_name's rule for one:
-                forced = os.environ.get(BACKEND_ENV, "").strip().lower() in ("torch", "reference")
+                forced = settings.BACKEND.get() == "torch"
                 use_triton = example in TRITON_DTYPES and kernels and not forced
                 path, note = ("triton" if use_triton else "torch"), " (no CUDA device here)"
             print(f"            {device.upper()} tensor, {dtypes}: {_describe_path(path)}{note}")
@@ -87,11 +92,22 @@ def info() -> int:
     print("            and one of 2C in backward, when the process group has more than one rank")
     if kernels:
         fast = triton_backend().fast_launch_enabled()
-        print("            kernel launches: " + ("direct (SYNCBN_TRITON_FAST_LAUNCH=1)" if fast else
-              "through Triton's launcher (SYNCBN_TRITON_FAST_LAUNCH=1: direct, experimental)"))
+        print(
+            "            kernel launches: "
+            + (
+                "direct (SYNCBN_TRITON_FAST_LAUNCH=1)"
+                if fast
+                else "through Triton's launcher (SYNCBN_TRITON_FAST_LAUNCH=1: direct, experimental)"
+            )
+        )
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("SYNCBN_")}
-    print("environment " + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "no SYNCBN_* variables set"))
+    print("environment (syncbn.settings)")
+    for name, value, _ in settings.describe():
+        print(f"            {name}: {value}")
+    known = {var.name for var in settings.VARIABLES}
+    unknown = sorted(k for k in os.environ if k.startswith("SYNCBN_") and k not in known)
+    if unknown:
+        print(f"            not syncbn variables (misspelt?): {', '.join(unknown)}")
     return 0
 
 
@@ -142,13 +158,19 @@ def bench(quick: bool, out: str | None, timeout: float) -> int:
 
     bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
     if not (bench_dir / "common.py").exists():
-        print(f"syncbn bench: no benchmarks/ folder next to the package ({bench_dir}); run it from "
-              "a source checkout installed with `pip install -e .`", file=sys.stderr)
+        print(
+            f"syncbn bench: no benchmarks/ folder next to the package ({bench_dir}); run it from "
+            "a source checkout installed with `pip install -e .`",
+            file=sys.stderr,
+        )
         return 2
     kind = "gpu" if torch.cuda.is_available() else "cpu"
     plan = BENCHMARKS[kind]
-    print(f"syncbn bench: {len(plan)} benchmarks for this {kind.upper()} machine"
-          f"{' (quick)' if quick else ''}; results in {out or bench_dir / 'results'}", flush=True)
+    print(
+        f"syncbn bench: {len(plan)} benchmarks for this {kind.upper()} machine"
+        f"{' (quick)' if quick else ''}; results in {out or bench_dir / 'results'}",
+        flush=True,
+    )
     failed = []
     for i, (script, full_args, quick_args) in enumerate(plan):
         cmd = [sys.executable, str(bench_dir / script), *(quick_args if quick else full_args)]
@@ -187,10 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         "Under torchrun (RANK and WORLD_SIZE set) it joins that world instead of starting processes.",
     )
     p.add_argument("--nproc", type=int, default=None, help="processes to start (default 2; ignored under torchrun)")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="auto: nccl with CUDA tensors when CUDA is available, else gloo with CPU tensors")
-    p.add_argument("--timeout", type=float, default=180.0,
-                   help="seconds before a hung run is stopped and reported as FAIL (default 180)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="auto: nccl with CUDA tensors when CUDA is available, else gloo with CPU tensors",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds before a hung run is stopped and reported as FAIL (default 180)",
+    )
     p = commands.add_parser(
         "bench",
         help="run the benchmarks that fit this machine (CPU or GPU), writing benchmarks/results/",

@@ -153,9 +153,7 @@ def _freeze_layer(layer: nn.Module, requires_grad: dict[str, bool] | None = None
     """Install the frozen ``train`` on ``layer`` (keeping an existing record) and enter eval."""
     if not is_frozen(layer):
         if requires_grad is None:
-            requires_grad = {
-                name: param.requires_grad for name, param in layer.named_parameters(recurse=False)
-            }
+            requires_grad = {name: param.requires_grad for name, param in layer.named_parameters(recurse=False)}
         layer.__dict__["train"] = _FrozenTrain(layer, requires_grad)
     layer.training = False
 
@@ -164,9 +162,7 @@ def _freeze_layer(layer: nn.Module, requires_grad: dict[str, bool] | None = None
 # Conversion
 
 
-def convert_sync_batchnorm(
-    module: nn.Module, process_group: torch.distributed.ProcessGroup | None = None
-) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, process_group: torch.distributed.ProcessGroup | None = None) -> nn.Module:
     """Replace every BatchNorm layer in ``module`` by a ``syncbn.SyncBatchNorm``.
 
     ``nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and their subclasses that keep the
@@ -274,9 +270,7 @@ def _describe(path: str, layer: nn.Module) -> str:
 def _own_forward(layer: nn.Module) -> bool:
     """True when the layer's forward is not a stock BatchNorm forward (so conversion would drop it)."""
     return (
-        type(layer).forward not in _STOCK_FORWARDS
-        or "forward" in layer.__dict__
-        or parametrize.is_parametrized(layer)
+        type(layer).forward not in _STOCK_FORWARDS or "forward" in layer.__dict__ or parametrize.is_parametrized(layer)
     )
 
 

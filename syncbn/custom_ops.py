@@ -164,7 +164,9 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_output, input, weight, mean, invstd, count, group_name, sync, need_input, need_weight, need_bias, name):
+def _backward_fake(
+    grad_output, input, weight, mean, invstd, count, group_name, sync, need_input, need_weight, need_bias, name
+):
     channels = input.shape[1]
     return (
         torch.empty_like(input) if need_input else input.new_empty((0,)),

@@ -33,20 +33,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-ALWAYS_SYNC_ENV = "SYNCBN_ALWAYS_SYNC"
-DEBUG_ENV = "SYNCBN_DEBUG"
-_TRUE = ("1", "true", "yes", "on")
-
-
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(name)
-    return value is not None and value.strip().lower() in _TRUE
+from . import settings
 
 
 def debug_enabled() -> bool:
     """True when ``SYNCBN_DEBUG`` asks for the cross-rank consistency checks (read per call)."""
-    value = os.environ.get(DEBUG_ENV)  # the whole cost when off: one dict lookup
-    return value is not None and value.strip().lower() in _TRUE
+    return settings.DEBUG.get()  # the whole cost when off: a dict lookup
 
 
 def is_initialized() -> bool:
@@ -67,7 +59,7 @@ def sync_world_size(process_group: dist.ProcessGroup | None) -> int:
     if size < 0:
         # get_world_size returns -1 for a group this rank does not belong to.
         raise RuntimeError("syncbn: this rank is not a member of the layer's process_group")
-    if size == 1 and not _env_flag(ALWAYS_SYNC_ENV):
+    if size == 1 and not settings.ALWAYS_SYNC.get():
         return 0
     return size
 
@@ -98,9 +90,7 @@ def create_syncbn_process_group(group_size: int) -> dist.ProcessGroup:
     ``group_size`` is not a positive integer dividing the world size.
     """
     if not is_initialized():
-        raise RuntimeError(
-            "syncbn.create_syncbn_process_group: call torch.distributed.init_process_group first"
-        )
+        raise RuntimeError("syncbn.create_syncbn_process_group: call torch.distributed.init_process_group first")
     world_size = dist.get_world_size()
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -154,9 +144,7 @@ def _module_candidates(var: str, value: object) -> list[tuple[str, torch.nn.Modu
     return []
 
 
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__)
-)
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
 
 
 def _match_in_frame(frame, layer: torch.nn.Module) -> tuple[torch.nn.Module, str] | None:
@@ -298,8 +286,9 @@ def _mismatch_message(rows: list[tuple[int, ...]], names: list[object], rank: in
     return (
         f"syncbn (SYNCBN_DEBUG=1): the ranks of a process group of {len(rows)} are not making the "
         f"same SyncBatchNorm call (differing: {', '.join(fields)}); rank(s) {differing} differ from "
-        f"rank(s) {reference}:\n" + "\n".join(describe(r) for r in range(len(rows))) +
-        f"\nThis is rank {rank}. Every rank of the group must call the synchronized BatchNorm "
+        f"rank(s) {reference}:\n"
+        + "\n".join(describe(r) for r in range(len(rows)))
+        + f"\nThis is rank {rank}. Every rank of the group must call the synchronized BatchNorm "
         "layers in the same order, forward and backward, with the same number of channels and "
         "dtype (a rank that skips a layer, runs a different branch of the model or skips a "
         "backward pass leaves the others waiting or mixes the statistics of different layers)."

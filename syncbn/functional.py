@@ -44,8 +44,7 @@ def check_input(input: torch.Tensor, num_features: int | None = None) -> None:
         )
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            "syncbn: expected a floating-point input (float64, float32, float16 or bfloat16), "
-            f"got {input.dtype}"
+            f"syncbn: expected a floating-point input (float64, float32, float16 or bfloat16), got {input.dtype}"
         )
     if num_features is not None and input.shape[1] != num_features:
         raise ValueError(
@@ -113,7 +112,9 @@ def forward_pass(
         try:
             distributed.all_reduce_sum(stats, process_group)
         except RuntimeError as err:
-            raise distributed.collective_error(err, "forward all-reduce", process_group, _name(layer), channels) from err
+            raise distributed.collective_error(
+                err, "forward all-reduce", process_group, _name(layer), channels
+            ) from err
     if local_count <= 1:
         # Only here may the global count be below 2; every rank with a count <= 1 reads it,
         # so all ranks of a group with a global count of 0 or 1 take the same branch.
@@ -168,7 +169,9 @@ def backward_pass(
             try:
                 distributed.all_reduce_sum(sums, process_group)
             except RuntimeError as err:
-                raise distributed.collective_error(err, "backward all-reduce", process_group, _name(layer), channels) from err
+                raise distributed.collective_error(
+                    err, "backward all-reduce", process_group, _name(layer), channels
+                ) from err
         grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, sums, count)
     return grad_input, grad_weight, grad_bias
 

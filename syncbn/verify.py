@@ -70,9 +70,7 @@ class Oracle:
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.dtype = dtype
-        self.layer = BATCHNORM_BY_NDIM[ndim](
-            channels, eps, momentum, affine, track_running_stats, dtype=dtype
-        )
+        self.layer = BATCHNORM_BY_NDIM[ndim](channels, eps, momentum, affine, track_running_stats, dtype=dtype)
         self.affine, self.track_running_stats = affine, track_running_stats
         with torch.no_grad():
             if weight is not None:
@@ -366,8 +364,14 @@ def _row(cells: Sequence[str]) -> str:
 
 def _format(res: Result) -> str:
     line = _row(
-        (res.name, res.dtype, res.batches, f"{res.max_abs_err:.1e}", f"{res.err_over_tol:.2f}",
-         "PASS" if res.passed else "FAIL")
+        (
+            res.name,
+            res.dtype,
+            res.batches,
+            f"{res.max_abs_err:.1e}",
+            f"{res.err_over_tol:.2f}",
+            "PASS" if res.passed else "FAIL",
+        )
     )
     return line + (f"  ({res.note})" if res.note else "")
 
@@ -488,7 +492,10 @@ def run_local(
         )
     # The parent hosts the rendezvous; port 0 lets the OS pick a free port (no race).
     store = dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     ctx = mp.get_context("spawn")
@@ -498,8 +505,10 @@ def run_local(
     try:
         for rank in range(nproc):
             proc = ctx.Process(
-                target=worker, args=(rank, nproc, store.port, backend, timeout_s),
-                name=f"syncbn-verify-{rank}", daemon=True,
+                target=worker,
+                args=(rank, nproc, store.port, backend, timeout_s),
+                name=f"syncbn-verify-{rank}",
+                daemon=True,
             )
             proc.start()
             procs.append(proc)

@@ -222,9 +222,7 @@ def _worker_main(
         can_retime = hasattr(dist.distributed_c10d, "_set_pg_timeout")
         timeout = datetime.timedelta(seconds=start_timeout_s) if can_retime else op_timeout
         store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
-        dist.init_process_group(
-            "gloo", store=store, rank=global_rank, world_size=world_size, timeout=timeout
-        )
+        dist.init_process_group("gloo", store=store, rank=global_rank, world_size=world_size, timeout=timeout)
         groups = _build_groups(global_rank, timeout)
         if can_retime:
             for ctx in groups.values():
@@ -253,9 +251,7 @@ def _worker_main(
     dump_file.close()
 
 
-def _build_groups(
-    global_rank: int, timeout: datetime.timedelta
-) -> dict[str, CaseContext]:
+def _build_groups(global_rank: int, timeout: datetime.timedelta) -> dict[str, CaseContext]:
     """Create every named group (all ranks, same order); keep this rank's view."""
     contexts: dict[str, CaseContext] = {}
     for name, rank_lists in GROUPS.items():
@@ -443,9 +439,7 @@ def _trim_stack(dump: str) -> str:
     return "\n".join(kept)
 
 
-def _kill(
-    procs: list[Any], conns: list[Connection], tmpdir: tempfile.TemporaryDirectory[str]
-) -> None:
+def _kill(procs: list[Any], conns: list[Connection], tmpdir: tempfile.TemporaryDirectory[str]) -> None:
     """Terminate, then kill, every worker; release pipes and the temp dir."""
     for proc in procs:
         if proc.is_alive():
@@ -562,15 +556,10 @@ class WorkerPool:
             raise ValueError(f"unknown group {group!r}; choose from {sorted(GROUPS)}")
         qualname = getattr(fn, "__qualname__", "")
         if "<locals>" in qualname or "<lambda>" in qualname:
-            raise ValueError(
-                f"{qualname} cannot be sent to the workers: cases must be module-level functions"
-            )
+            raise ValueError(f"{qualname} cannot be sent to the workers: cases must be module-level functions")
         ranks = sorted(r for ranks in GROUPS[group] for r in ranks)
         if per_rank_args is not None and len(per_rank_args) != len(ranks):
-            raise ValueError(
-                f"per_rank_args has {len(per_rank_args)} entries, "
-                f"group {group!r} has {len(ranks)} ranks"
-            )
+            raise ValueError(f"per_rank_args has {len(per_rank_args)} entries, group {group!r} has {len(ranks)} ranks")
         self._seq += 1
         # Serialise everything before sending anything: an unpicklable
         # argument then fails here without disturbing the workers.
@@ -609,9 +598,7 @@ class WorkerPool:
         self._discard()
         return replies.to_error(what)
 
-    def _collect(
-        self, gen: _Generation, ranks: Sequence[int], timeout: float, seq: int | None
-    ) -> _Replies:
+    def _collect(self, gen: _Generation, ranks: Sequence[int], timeout: float, seq: int | None) -> _Replies:
         """Wait for one reply per rank, a death, or the deadline; never longer."""
         replies = _Replies(timeout=timeout, grace=self.error_grace)
         pending = set(ranks)
@@ -716,10 +703,8 @@ class _Replies:
                 ],
             )
         )
-        message = (
-            f"{what} failed: {summary}. The worker pool was shut down and restarts "
-            "on next use.\n" + "\n".join(parts)
+        message = f"{what} failed: {summary}. The worker pool was shut down and restarts on next use.\n" + "\n".join(
+            parts
         )
         cls = WorkerTimeout if not (self.errors or self.exitcodes) else WorkerError
         return cls(message, errors=self.errors, exitcodes=self.exitcodes, missing=self.missing)
-

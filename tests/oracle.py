@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from syncbn.verify import Oracle
+
 MEMORY_FORMATS = {
     None: torch.contiguous_format,
     "channels_last": torch.channels_last,

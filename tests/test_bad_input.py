@@ -75,7 +75,9 @@ def _check(results, want, **tol):
     tol = tol or TOL
     for r, got in enumerate(results):
         for key in ("y", "dx"):
-            torch.testing.assert_close(got[key].double(), want[key][r], equal_nan=True, **tol, msg=lambda m: f"rank {r} {key}: {m}")
+            torch.testing.assert_close(
+                got[key].double(), want[key][r], equal_nan=True, **tol, msg=lambda m: f"rank {r} {key}: {m}"
+            )
         for key in ("running_mean", "running_var"):
             _close_or_both_nonfinite(got[key].double(), want[key], **tol)
     for key in ("dw", "db"):
@@ -103,7 +105,13 @@ def test_nan_and_inf_propagate_as_batchnorm(pool, backend):
     xs[1][2, 2, 0, 0] = float("-inf")
     gs = [torch.randn(x.shape, generator=gen) for x in xs]
     weight, bias = _params(channels)
-    results = pool.run(_case_layer, group="w2", args=(BACKENDS[backend], channels), per_rank_args=list(zip(xs, gs)), kwargs=dict(weight=weight, bias=bias))
+    results = pool.run(
+        _case_layer,
+        group="w2",
+        args=(BACKENDS[backend], channels),
+        per_rank_args=list(zip(xs, gs)),
+        kwargs=dict(weight=weight, bias=bias),
+    )
     want = _oracle(xs, gs, channels, weight=weight.double(), bias=bias.double())
     _check(results, want)
     for got in results:  # channel 3 is untouched by the others' non-finite values
@@ -129,7 +137,9 @@ def _case_zero_channels(ctx, backend_env, n):
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_zero_channels_is_empty_and_silent(pool, backend):
-    for rank, (shape, eval_shape, calls, batches, grad) in enumerate(pool.run(_case_zero_channels, group="w2", args=(BACKENDS[backend],), per_rank_args=[3, 0])):
+    for rank, (shape, eval_shape, calls, batches, grad) in enumerate(
+        pool.run(_case_zero_channels, group="w2", args=(BACKENDS[backend],), per_rank_args=[3, 0])
+    ):
         n = 3 if rank == 0 else 0
         assert shape == eval_shape == (n, 0, 4, 4)
         assert calls == []  # nothing to synchronize: no collective, nothing to wait for
@@ -153,7 +163,14 @@ def test_65536_channels(pool):
     xs = [torch.randn(n, channels, generator=gen) * 3 + 1 for n in (2, 1)]
     gs = [torch.randn(x.shape, generator=gen) for x in xs]
     weight, bias = _params(channels)
-    results = pool.run(_case_layer, group="w2", args=(BACKENDS["torch"], channels), per_rank_args=list(zip(xs, gs)), kwargs=dict(weight=weight, bias=bias), timeout=120)
+    results = pool.run(
+        _case_layer,
+        group="w2",
+        args=(BACKENDS["torch"], channels),
+        per_rank_args=list(zip(xs, gs)),
+        kwargs=dict(weight=weight, bias=bias),
+        timeout=120,
+    )
     # 3 values per channel: a variance of 3 values, float32 rounding of values of order 10
     _check(results, _oracle(xs, gs, channels, weight=weight.double(), bias=bias.double()), rtol=1e-4, atol=1e-4)
 
@@ -184,7 +201,11 @@ def _case_views(ctx, env, kind, grad_kind, base):
         leaf = base.clone().requires_grad_()
         xv = _make_view(leaf, kind)
         y = layer(xv)
-        g = torch.ones(1, 1, 1, 1).expand_as(y) if grad_kind == "expanded" else torch.linspace(-1, 1, y.numel()).view_as(y)
+        g = (
+            torch.ones(1, 1, 1, 1).expand_as(y)
+            if grad_kind == "expanded"
+            else torch.linspace(-1, 1, y.numel()).view_as(y)
+        )
         (dx,) = torch.autograd.grad(y, xv, g)
         return y.detach(), dx, xv.detach(), layer.running_var
 

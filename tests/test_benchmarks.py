@@ -21,7 +21,11 @@ def test_all_reduce_payload_is_flat_and_all_gather_grows_with_world():
 
 
 def test_comm_plot_is_written(tmp_path):
-    measured = [{"world": w, "channels": c, "syncbn all_reduce": 1.0, "torch all_gather": 2.0} for w in (2, 4) for c in (64, 128)]
+    measured = [
+        {"world": w, "channels": c, "syncbn all_reduce": 1.0, "torch all_gather": 2.0}
+        for w in (2, 4)
+        for c in (64, 128)
+    ]
     computed = [bytes_received(w, c) for c in (256, 2048) for w in (2, 4, 8)]
     path = tmp_path / "comm.png"
     plot(measured, computed, path, "test")
@@ -31,7 +35,19 @@ def test_comm_plot_is_written(tmp_path):
 def test_gpu_training_benchmark_code_runs_as_a_cpu_smoke_test(tmp_path):
     """bench_train's GPU comparison (ResNet-50, interleaved blocks, launch modes, report) at toy
     size on the CPU, so that a GPU lease is not spent finding a bug in it."""
-    cmd = [sys.executable, "benchmarks/bench_train.py", "--smoke", "--warmup", "1", "--steps", "1", "--blocks", "2", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_train.py",
+        "--smoke",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--blocks",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads((tmp_path / "train-smoke-test-on-cpu.json").read_text())

@@ -80,13 +80,18 @@ def _batches(net: str, sizes: list[int], steps: int, rank: int):
     gen = torch.Generator().manual_seed(100 + rank)
     n = sizes[rank]
     if net == "conv":
-        return [(torch.randn(n, 3, 6, 6, generator=gen) * 2 + 1, torch.randn(n, 4 * 36, generator=gen)) for _ in range(steps)]
+        return [
+            (torch.randn(n, 3, 6, 6, generator=gen) * 2 + 1, torch.randn(n, 4 * 36, generator=gen))
+            for _ in range(steps)
+        ]
     return [(torch.randn(n, 5, generator=gen) + 0.5, torch.randn(n, 3, generator=gen)) for _ in range(steps)]
 
 
 def _run_and_compare(pool, net, backend, sizes, steps=3, env=None, tol=TOL):
     per_rank = [_batches(net, sizes, steps, r) for r in range(len(sizes))]
-    results = pool.run(_case_compiled_vs_eager, group="w2", args=(net, backend, env or {}), per_rank_args=per_rank, timeout=240)
+    results = pool.run(
+        _case_compiled_vs_eager, group="w2", args=(net, backend, env or {}), per_rank_args=per_rank, timeout=240
+    )
     for rank, records in enumerate(results):
         for i, step in enumerate(records):
             e, c = step["eager"], step["compiled"]
@@ -149,7 +154,9 @@ def _case_compiled_checkpoint(ctx, where, batches):
     model = copy.deepcopy(eager)
     stem, block = model[:3], model[3:]
     if where == "inside":  # checkpoint traced by the compiler: it decides what to recompute
-        compiled = torch.compile(lambda x: block(checkpoint(stem, x, use_reentrant=False)), backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(
+            lambda x: block(checkpoint(stem, x, use_reentrant=False)), backend="aot_eager", fullgraph=True
+        )
     else:  # eager checkpoint around a compiled block: the compiled op reruns in backward
         compiled_stem = torch.compile(stem, backend="aot_eager", fullgraph=True)
         compiled = lambda x: block(checkpoint(compiled_stem, x, use_reentrant=False))  # noqa: E731
@@ -158,8 +165,10 @@ def _case_compiled_checkpoint(ctx, where, batches):
         for fn in (compiled, eager):
             (fn(x) * w).sum().backward()
         out.append((
-            {k: v.clone() for k, v in model.state_dict().items()}, {k: v.clone() for k, v in eager.state_dict().items()},
-            {k: p.grad.clone() for k, p in model.named_parameters()}, {k: p.grad.clone() for k, p in eager.named_parameters()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {k: v.clone() for k, v in eager.state_dict().items()},
+            {k: p.grad.clone() for k, p in model.named_parameters()},
+            {k: p.grad.clone() for k, p in eager.named_parameters()},
         ))  # fmt: skip
     return out
 

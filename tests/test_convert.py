@@ -346,12 +346,15 @@ def test_revert_gives_back_the_original_class(cls):
         assert attr not in reverted.__dict__
 
 
-@pytest.mark.parametrize("shape, cls", [
-    ((4, 3), nn.BatchNorm1d),
-    ((4, 3, 5), nn.BatchNorm1d),
-    ((2, 3, 4, 4), nn.BatchNorm2d),
-    ((2, 3, 2, 2, 2), nn.BatchNorm3d),
-])
+@pytest.mark.parametrize(
+    "shape, cls",
+    [
+        ((4, 3), nn.BatchNorm1d),
+        ((4, 3, 5), nn.BatchNorm1d),
+        ((2, 3, 4, 4), nn.BatchNorm2d),
+        ((2, 3, 2, 2, 2), nn.BatchNorm3d),
+    ],
+)
 def test_revert_layer_built_directly_uses_the_inputs_it_saw(shape, cls):
     layer = syncbn.SyncBatchNorm(3)
     layer(torch.randn(shape))
@@ -464,8 +467,9 @@ def test_frozen_layer_stays_in_eval_and_keeps_its_statistics(make, shape):
         assert model.training and model[0].training and not bn.training
         x = torch.randn(shape) * 3 + 1
         out = model(x)
-        expected = F.batch_norm(x, state["running_mean"], state["running_var"], state["weight"],
-                                state["bias"], False, 0.0, bn.eps)
+        expected = F.batch_norm(
+            x, state["running_mean"], state["running_var"], state["weight"], state["bias"], False, 0.0, bn.eps
+        )
         torch.testing.assert_close(out, expected)  # normalized with the running statistics
     bn.train()  # directly on the layer, too
     assert not bn.training
@@ -558,9 +562,7 @@ def _check_frozen_copy(model: nn.Module, copied: nn.Module) -> None:
             assert b.__dict__["train"].module is b  # not the original layer
             assert b.weight.requires_grad is a.weight.requires_grad
     copied.train()
-    assert [m.training for m in copied.modules()] == [
-        not is_frozen(m) for m in copied.modules()
-    ]
+    assert [m.training for m in copied.modules()] == [not is_frozen(m) for m in copied.modules()]
     model.eval()  # the copy is independent of the original
     assert copied.training
 

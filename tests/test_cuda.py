@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import syncbn
 from syncbn import distributed as sb_distributed
+from syncbn import settings
 from syncbn.ops import backend_name, reference
 from tests.oracle import layer_pair
 
@@ -341,14 +342,16 @@ def test_fast_launch_is_bitwise_the_ordinary_launch(always_sync, monkeypatch, me
 
     def inputs(offset):
         # offset 1 (one float): data_ptr not 16-byte aligned, the same shape and strides
-        flat = torch.randn(math.prod(shape) + offset, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(offset))
+        flat = torch.randn(
+            math.prod(shape) + offset, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(offset)
+        )
         if memory_format is None:
             return flat[offset:].view(shape)
         n, c, h, w = shape
         return flat[offset:].view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
 
     def run(fast):
-        monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "1" if fast else "0")
+        monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "1" if fast else "0")
         out = []
         for affine in (True, False, True):
             for offset in (0, 1, 0, 1):
@@ -376,13 +379,13 @@ def test_eval_and_reference_backend_still_work(monkeypatch):
     layer(x)
     layer.eval()
     torch.testing.assert_close(
-        layer(x), F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+        layer(x),
+        F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps),
     )  # fmt: skip
     monkeypatch.setenv("SYNCBN_BACKEND", "torch")
     assert backend_name(x) == "torch"
     layer.train()
     layer(x).sum().backward()
-
 
 
 # --- reliability (issue 6): torch.compile, checkpointing, debug mode, edge inputs on the GPU ---
@@ -510,7 +513,11 @@ def test_65536_channels_few_values(always_sync, shape, dtype, memory_format):
     ours, ref = syncbn.SyncBatchNorm(shape[1]).to(DEVICE), _bn_reference(x, shape[1])
     xa, xb = x.clone().requires_grad_(), x.float().requires_grad_()
     ya, yb = ours(xa), ref(xb)
-    dy = torch.randn(shape, device=DEVICE, generator=g).to(dtype).contiguous(memory_format=memory_format or torch.contiguous_format)
+    dy = (
+        torch.randn(shape, device=DEVICE, generator=g)
+        .to(dtype)
+        .contiguous(memory_format=memory_format or torch.contiguous_format)
+    )
     ya.backward(dy)
     yb.backward(dy.float())
     rtol, atol = OUT_TOL[dtype]

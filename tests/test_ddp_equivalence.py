@@ -47,8 +47,10 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Global batches of 2b samples per step (rank r holds rows r*b to (r+1)*b)."""
     gen = torch.Generator().manual_seed(1)
     return [
-        (torch.randn(WORLD * B, 3, 6, 6, generator=gen, dtype=torch.float64) * 2 + 1,
-         torch.randint(5, (WORLD * B,), generator=gen))
+        (
+            torch.randn(WORLD * B, 3, 6, 6, generator=gen, dtype=torch.float64) * 2 + 1,
+            torch.randint(5, (WORLD * B,), generator=gen),
+        )
         for _ in range(STEPS)
     ]
 

@@ -57,7 +57,9 @@ def _case_debug_mismatch(ctx, kind):
             dtype = torch.float32 if ctx.rank == 0 else torch.float64
             result = _outcome(lambda: layer.to(dtype)(x.to(dtype)))
         elif kind == "skipped-layer":
-            model = nn.Sequential(syncbn.SyncBatchNorm(4, process_group=g), nn.ReLU(), syncbn.SyncBatchNorm(4, process_group=g))
+            model = nn.Sequential(
+                syncbn.SyncBatchNorm(4, process_group=g), nn.ReLU(), syncbn.SyncBatchNorm(4, process_group=g)
+            )
             # rank 1 skips the first BatchNorm: its first call is the other layer's
             result = _outcome(lambda: model(x) if ctx.rank == 0 else model[2](model[1](x)))
         elif kind == "same-shape-layers":
@@ -111,7 +113,10 @@ def test_debug_mismatch_raises_on_every_rank(pool, kind):
         assert f"differing: {field}" in message, message
         assert "rank(s) [1] differ from rank(s) [0]" in message, message
         for r, text in enumerate(lines):
-            assert any(line.startswith(f"  rank {r}:") and text in line for line in message.splitlines()), (text, message)
+            assert any(line.startswith(f"  rank {r}:") and text in line for line in message.splitlines()), (
+                text,
+                message,
+            )
         messages.append(message.replace(f"This is rank {rank}.", ""))
     assert messages[0] == messages[1]  # the same diagnosis everywhere
 
@@ -141,7 +146,9 @@ def _case_debug_consistent(ctx, debug, n):
     sb_distributed.reset_debug_state()
     torch.manual_seed(ctx.rank)
     model = syncbn.convert_sync_batchnorm(
-        nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3, momentum=None)),
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3, momentum=None)
+        ),
         process_group=ctx.group,
     ).double()
     torch.manual_seed(0)

@@ -131,9 +131,7 @@ def test_all_reduce_stays_inside_the_group(pool: WorkerPool, group: str, expecte
 
 
 def test_args_kwargs_and_per_rank_args_are_routed_by_rank(pool: WorkerPool) -> None:
-    got = pool.run(
-        _case_echo, group="odd", args=(1, "x"), kwargs={"k": 2}, per_rank_args=["a", "b"]
-    )
+    got = pool.run(_case_echo, group="odd", args=(1, "x"), kwargs={"k": 2}, per_rank_args=["a", "b"])
     assert got == [(1, (1, "x", "a"), {"k": 2}), (3, (1, "x", "b"), {"k": 2})]
 
     got = pool.run(_case_echo, group="pairs", per_rank_args=[10, 11, 12, 13])
@@ -257,9 +255,7 @@ def test_worker_killed_between_runs_is_replaced(pool: WorkerPool) -> None:
     # Wait until the parent can reap it (a zombie whose threads are still
     # exiting counts as alive); only then is "died while idle" deterministic.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and pids[2] in {
-        p.pid for p in multiprocessing.active_children()
-    }:
+    while time.monotonic() < deadline and pids[2] in {p.pid for p in multiprocessing.active_children()}:
         time.sleep(0.02)
     assert pool.run(_case_all_reduce_marker, group="w4") == [1111.0] * 4
     assert pool.starts == starts + 1

@@ -82,8 +82,15 @@ def test_accelerate_launch_two_cpu_processes():
     """accelerate launch with launch/accelerate_cpu.yaml: 2 processes on gloo, converted model."""
     pytest.importorskip("accelerate")
     result = procs.python(
-        "-m", "accelerate.commands.launch", "--config_file", str(procs.ROOT / "launch" / "accelerate_cpu.yaml"),
-        str(procs.ROOT / "launch" / "train_accelerate.py"), "--max-steps", "4", "--train-size", "256",
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(procs.ROOT / "launch" / "accelerate_cpu.yaml"),
+        str(procs.ROOT / "launch" / "train_accelerate.py"),
+        "--max-steps",
+        "4",
+        "--train-size",
+        "256",
         timeout=180,
     )
     assert result.returncode == 0, result.stdout

@@ -11,15 +11,15 @@ mean and variance, num_batches_tracked; then eval-mode outputs.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
 import syncbn
+from syncbn import settings
 from tests.oracle import MEMORY_FORMATS, LayerConfig, make_data, make_eval_data, make_params, run_oracle
 
-DEVICE = os.environ.get("SYNCBN_TEST_DEVICE", "cpu")
+DEVICE = settings.TEST_DEVICE.get()
 
 # (atol, rtol) per input dtype, against the float64 oracle on the same inputs.
 TOLERANCES = {
@@ -34,7 +34,12 @@ TOLERANCES = {
 }
 # weight/bias gradients and running statistics are float32 (or float64) sums over every
 # sample; for half-precision inputs they are exact-input float32 sums, so float32 tolerance.
-PARAM_TOLERANCE = {"float64": (1e-10, 1e-10), "float32": (1e-4, 1e-4), "bfloat16": (1e-3, 1e-4), "float16": (1e-3, 1e-4)}
+PARAM_TOLERANCE = {
+    "float64": (1e-10, 1e-10),
+    "float32": (1e-4, 1e-4),
+    "bfloat16": (1e-3, 1e-4),
+    "float16": (1e-3, 1e-4),
+}
 
 
 def _setup_device(cfg: LayerConfig) -> torch.device:
@@ -108,22 +113,50 @@ def run_and_check(pool, group: str, cfg: LayerConfig) -> None:
             where = f"step {i}, rank {r}"
             assert got["dtype"] == (cfg.torch_dtype, cfg.torch_dtype), where
             assert got["y_format_kept"] and got["dx_format_kept"], f"{where}: memory format lost"
-            torch.testing.assert_close(got["y"].double(), exp["y"][r], atol=atol, rtol=rtol, msg=lambda m: f"{where} output: {m}")
-            torch.testing.assert_close(got["dx"].double(), exp["dx"][r], atol=atol, rtol=rtol, msg=lambda m: f"{where} grad_input: {m}")
+            torch.testing.assert_close(
+                got["y"].double(), exp["y"][r], atol=atol, rtol=rtol, msg=lambda m: f"{where} output: {m}"
+            )
+            torch.testing.assert_close(
+                got["dx"].double(), exp["dx"][r], atol=atol, rtol=rtol, msg=lambda m: f"{where} grad_input: {m}"
+            )
             if cfg.track_running_stats:
                 # identical on every rank, equal to the global layer's
-                torch.testing.assert_close(got["running_mean"].double(), exp["running_mean"], atol=patol, rtol=prtol, msg=lambda m: f"{where} running_mean: {m}")
-                torch.testing.assert_close(got["running_var"].double(), exp["running_var"], atol=patol, rtol=prtol, msg=lambda m: f"{where} running_var: {m}")
+                torch.testing.assert_close(
+                    got["running_mean"].double(),
+                    exp["running_mean"],
+                    atol=patol,
+                    rtol=prtol,
+                    msg=lambda m: f"{where} running_mean: {m}",
+                )
+                torch.testing.assert_close(
+                    got["running_var"].double(),
+                    exp["running_var"],
+                    atol=patol,
+                    rtol=prtol,
+                    msg=lambda m: f"{where} running_var: {m}",
+                )
                 assert got["num_batches_tracked"] == exp["num_batches_tracked"], where
-                assert torch.equal(got["running_mean"], results[0]["steps"][i]["running_mean"]), f"{where}: ranks differ"
+                assert torch.equal(got["running_mean"], results[0]["steps"][i]["running_mean"]), (
+                    f"{where}: ranks differ"
+                )
                 assert torch.equal(got["running_var"], results[0]["steps"][i]["running_var"]), f"{where}: ranks differ"
         if cfg.affine:
             dw = sum(res["steps"][i]["dw"].double() for res in results)
             db = sum(res["steps"][i]["db"].double() for res in results)
-            torch.testing.assert_close(dw, exp["dw"], atol=patol, rtol=prtol, msg=lambda m: f"step {i} grad_weight summed over ranks: {m}")
-            torch.testing.assert_close(db, exp["db"], atol=patol, rtol=prtol, msg=lambda m: f"step {i} grad_bias summed over ranks: {m}")
+            torch.testing.assert_close(
+                dw, exp["dw"], atol=patol, rtol=prtol, msg=lambda m: f"step {i} grad_weight summed over ranks: {m}"
+            )
+            torch.testing.assert_close(
+                db, exp["db"], atol=patol, rtol=prtol, msg=lambda m: f"step {i} grad_bias summed over ranks: {m}"
+            )
     for r, res in enumerate(results):
-        torch.testing.assert_close(res["eval_y"].double(), expected["eval_y"][r], atol=atol, rtol=rtol, msg=lambda m: f"rank {r} eval output: {m}")
+        torch.testing.assert_close(
+            res["eval_y"].double(),
+            expected["eval_y"][r],
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m: f"rank {r} eval output: {m}",
+        )
 
 
 # Each case: (group, config). Sizes are per step, per rank; three steps each so that running
@@ -151,7 +184,10 @@ CASES = {
     "w3-momentum-none-empty": ("w3", LayerConfig(momentum=None, spatial=(3,), sizes=[[0, 2, 2], [3, 0, 1], [1, 1, 1]])),
     "w2-no-affine": ("w2", LayerConfig(affine=False, sizes=[[2, 3]] * THREE)),
     "w3-no-running-stats": ("w3", LayerConfig(track_running_stats=False, sizes=[[2, 0, 3], [1, 2, 2], [3, 1, 1]])),
-    "w2-no-affine-no-stats-2d": ("w2", LayerConfig(channels=6, spatial=(), affine=False, track_running_stats=False, sizes=[[3, 2]] * THREE)),
+    "w2-no-affine-no-stats-2d": (
+        "w2",
+        LayerConfig(channels=6, spatial=(), affine=False, track_running_stats=False, sizes=[[3, 2]] * THREE),
+    ),
     "w2-momentum-0.5-eps-1e-3": ("w2", LayerConfig(momentum=0.5, eps=1e-3, sizes=[[2, 3]] * THREE)),
     # a group that is a subset of the world and does not contain rank 0; the default group
     "odd-group": ("odd", LayerConfig(sizes=[[2, 4], [0, 3], [5, 1]])),
@@ -169,7 +205,12 @@ def test_matches_oracle_float64(pool, name):
 DTYPE_CASES = {
     f"{dtype}-{fmt or 'contiguous'}-{ndim}d": (dtype, fmt, spatial)
     for dtype in ("float32", "bfloat16", "float16")
-    for fmt, spatial, ndim in ((None, (5, 6), 4), ("channels_last", (5, 6), 4), ("channels_last_3d", (2, 3, 4), 5), (None, (), 2))
+    for fmt, spatial, ndim in (
+        (None, (5, 6), 4),
+        ("channels_last", (5, 6), 4),
+        ("channels_last_3d", (2, 3, 4), 5),
+        (None, (), 2),
+    )
 }
 
 

@@ -14,23 +14,28 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import syncbn
+from syncbn import settings
 from syncbn.functional import sync_batch_norm
 
-DEVICE = os.environ.get("SYNCBN_TEST_DEVICE", "cpu")
+DEVICE = settings.TEST_DEVICE.get()
 
 
 @contextlib.contextmanager
 def count_collectives():
     """Record every collective call made through torch.distributed (name, shape, dtype)."""
     calls: list[tuple[str, tuple, torch.dtype | None]] = []
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter")
-                 if hasattr(dist, name)}
+    originals = {
+        name: getattr(dist, name)
+        for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter")
+        if hasattr(dist, name)
+    }
 
     def wrap(name, fn):
         def wrapper(tensor, *args, **kwargs):
             t = tensor if isinstance(tensor, torch.Tensor) else None
             calls.append((name, tuple(t.shape) if t is not None else (), t.dtype if t is not None else None))
             return fn(tensor, *args, **kwargs)
+
         return wrapper
 
     with contextlib.ExitStack() as stack:

@@ -33,14 +33,15 @@ import pytest
 import torch
 
 import syncbn
+from syncbn import settings
 from tests.oracle import LayerConfig, make_data, make_eval_data, make_params, run_oracle
 from tests.test_layer import PARAM_TOLERANCE, TOLERANCES, _case_train
 
 pytestmark = pytest.mark.soak
 
-STEPS = int(os.environ.get("SYNCBN_SOAK_STEPS", "200"))
-SEED = int(os.environ.get("SYNCBN_SOAK_SEED", "0"))
-REPORT = os.environ.get("SYNCBN_SOAK_REPORT")
+STEPS = settings.SOAK_STEPS.get()
+SEED = settings.SOAK_SEED.get()
+REPORT = settings.SOAK_REPORT.get() or None
 GROUPS = {"w2": 2, "w3": 3, "w4": 4, "odd": 2}
 # The Triton interpreter runs each program in Python: only small layers take that backend.
 TRITON_MAX_NUMEL = 4096
@@ -101,8 +102,10 @@ def _case_soak(ctx, cfg, env, kind, rank_data):
         if kind == "train":
             return _case_train(ctx, cfg, rank_data)
         # edge: one step with a global count of 0 or 1
-        (x, _), = rank_data[0]
-        layer = syncbn.SyncBatchNorm(cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, process_group=ctx.group)
+        ((x, _),) = rank_data[0]
+        layer = syncbn.SyncBatchNorm(
+            cfg.channels, cfg.eps, cfg.momentum, cfg.affine, cfg.track_running_stats, process_group=ctx.group
+        )
         layer = layer.to(cfg.param_dtype)
         try:
             y = layer(x.requires_grad_())
@@ -218,8 +221,10 @@ def _run_episode(pool, group, cfg, backend, kind) -> tuple[int, list[str]]:
                     problems.append(f"rank {r}: expected the ValueError on every rank, got {res}")
             elif "error" in res or res["shape"][0] != 0:
                 problems.append(f"rank {r}: expected an empty output, got {res}")
-            elif res["stats"] and not (torch.equal(res["stats"][0], torch.zeros(cfg.channels, dtype=cfg.param_dtype))
-                                       and torch.equal(res["stats"][1], torch.ones(cfg.channels, dtype=cfg.param_dtype))):
+            elif res["stats"] and not (
+                torch.equal(res["stats"][0], torch.zeros(cfg.channels, dtype=cfg.param_dtype))
+                and torch.equal(res["stats"][1], torch.ones(cfg.channels, dtype=cfg.param_dtype))
+            ):
                 problems.append(f"rank {r}: running statistics changed by an empty batch")
         return 1, problems
     eval_data = make_eval_data(cfg, world)
@@ -248,11 +253,20 @@ def test_soak(pool):
         if problems:
             mismatched_steps += ran
             if len(failures) < 20:
-                failures.append({"group": group, "backend": backend, "kind": kind, "config": dataclasses.asdict(cfg), "problems": problems[:5]})
+                failures.append(
+                    {
+                        "group": group,
+                        "backend": backend,
+                        "kind": kind,
+                        "config": dataclasses.asdict(cfg),
+                        "problems": problems[:5],
+                    }
+                )
     elapsed = time.monotonic() - start
     summary = {
         "steps": steps, "episodes": episodes, "mismatched_steps": mismatched_steps, "seconds": round(elapsed, 1),
-        "seed": SEED, "steps_by_backend": by_backend, "steps_by": mix, "torch": torch.__version__, "python": platform.python_version(),
+        "seed": SEED, "steps_by_backend": by_backend, "steps_by": mix, "torch": torch.__version__,
+        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "failures": failures,
     }  # fmt: skip
     print(

@@ -82,7 +82,9 @@ def _case_checkpoint(ctx, mode, steps):
             else:
                 y = checkpoint(block, h, use_reentrant=(mode == "reentrant"))
             (y * w).sum().backward()
-        records.append({"y": y.detach(), "dx": x.grad, "grads": _grads(model), "state": _state(model), "calls": len(calls)})
+        records.append(
+            {"y": y.detach(), "dx": x.grad, "grads": _grads(model), "state": _state(model), "calls": len(calls)}
+        )
         opt.step()
     return records
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from syncbn import settings
 from syncbn.functional import sync_batch_norm
 from syncbn.ops import backend_name, reference
 from tests.oracle import layer_pair
@@ -137,9 +138,7 @@ def test_ops_match_reference(shape, memory_format, dtype, tiling):
     rtol, atol = OUT_TOL[dtype]
     y = triton_ops.normalize(x, ref_mean32, ref_invstd, weight, bias)
     assert_same_layout(y, x)
-    torch.testing.assert_close(
-        y, reference.normalize(x, ref_mean32, ref_invstd, weight, bias), rtol=rtol, atol=atol
-    )
+    torch.testing.assert_close(y, reference.normalize(x, ref_mean32, ref_invstd, weight, bias), rtol=rtol, atol=atol)
 
     dy = randn_like(x, seed=1)
     sums = triton_ops.backward_reduce(dy, x, ref_mean32)
@@ -184,9 +183,7 @@ def test_fused_ops_match_their_parts(shape, memory_format, tiling):
     assert torch.equal(y, triton_ops.normalize(x, mean, invstd, weight, bias))
 
     dy = randn_like(x, seed=1)
-    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(
-        dy, x, mean, invstd, torch.float32, torch.bfloat16
-    )
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.bfloat16)
     assert torch.equal(sums, triton_ops.backward_reduce(dy, x, mean))
     assert grad_weight.dtype == torch.float32 and grad_bias.dtype == torch.bfloat16
     assert torch.equal(grad_weight, sums[channels:] * invstd)
@@ -349,7 +346,9 @@ def test_empty_input():
     mean, invstd = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
     assert triton_ops.normalize(x, mean, invstd, None, None).shape == x.shape
     assert not triton_ops.backward_reduce(x, x, mean).any()
-    assert triton_ops.backward_elemt(x, x, mean, invstd, None, torch.zeros(8, device=DEVICE), stats[-1]).shape == x.shape
+    assert (
+        triton_ops.backward_elemt(x, x, mean, invstd, None, torch.zeros(8, device=DEVICE), stats[-1]).shape == x.shape
+    )
 
 
 def test_backend_selection(monkeypatch):
@@ -364,7 +363,14 @@ def test_backend_selection(monkeypatch):
     assert backend_name(x.cuda() if torch.cuda.is_available() else x) == "torch"
 
 
-KERNEL_NAMES = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel", "_elemt_ncs_kernel", "_elemt_mc_kernel"]
+KERNEL_NAMES = [
+    "_reduce_ncs_kernel",
+    "_reduce_mc_kernel",
+    "_merge_kernel",
+    "_finalize_kernel",
+    "_elemt_ncs_kernel",
+    "_elemt_mc_kernel",
+]
 
 
 @pytest.mark.parametrize("memory_format", [None, torch.channels_last], ids=["nchw", "nhwc"])
@@ -440,12 +446,12 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
     aligned, misaligned = buf[:8], buf[1:9]
     consts = dict(BLOCK=64, FLAG=True, num_warps=4)
 
-    monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "0")
+    monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "0")
     for _ in range(2):
         triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
     assert len(kernel.ordinary) == 2 and not kernel.compiled.direct and not plan.launches
 
-    monkeypatch.setenv(triton_ops.FAST_LAUNCH_ENV, "1")
+    monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "1")
     triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
     triton_ops._launch(plan, kernel, 9, (aligned, 6), consts)
     assert len(kernel.ordinary) == 3
@@ -505,7 +511,9 @@ def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(me
     for affine in (True, False):
         weight = torch.ones(3, device=DEVICE, requires_grad=True) if affine else None
         bias = torch.zeros(3, device=DEVICE, requires_grad=True) if affine else None
-        sync_batch_norm(x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), weight, bias, training=True).sum().backward()
+        sync_batch_norm(
+            x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), weight, bias, training=True
+        ).sum().backward()
     assert len(seen) == 12
     for kernel, args, consts in seen:
         params = list(inspect.signature(kernel.fn).parameters.values())  # JIT and interpreter alike

@@ -15,14 +15,13 @@ on the CPU, which is how CI tests the layer and the kernels together without a G
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 
+from .. import settings
 from . import reference
 
-BACKEND_ENV = "SYNCBN_BACKEND"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,12 +41,12 @@ def triton_backend() -> ModuleType | None:
 
 def backend_name(x: torch.Tensor) -> str:
     """``"triton"`` or ``"torch"``: the path a tensor like ``x`` takes through the layer."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced in ("torch", "reference") or x.dtype not in TRITON_DTYPES:
+    forced = settings.BACKEND.get()
+    if forced == "torch" or x.dtype not in TRITON_DTYPES:
         return "torch"
     if forced == "triton":
         if triton_backend() is None:
-            raise RuntimeError(f"syncbn: {BACKEND_ENV}=triton, but triton cannot be imported")
+            raise RuntimeError(f"syncbn: {settings.BACKEND.name}=triton, but triton cannot be imported")
         return "triton"
     if x.is_cuda and triton_backend() is not None:
         return "triton"

@@ -51,12 +51,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import settings
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -218,9 +219,7 @@ def _reduce_mc_kernel(
     m_offs = tl.arange(0, BLOCK_M)
     offs = m_offs[:, None] * C + c[None, :]
 
-    x, dy, mask = _mc_step(
-        x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
-    )
+    x, dy, mask = _mc_step(x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
     if GRAD:
         pivot = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         acc1 = dy
@@ -233,9 +232,7 @@ def _reduce_mc_kernel(
 
     for k in range(1, n_iter, 2):
         xa, dya, ma = _mc_step(x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
-        xb, dyb, mb = _mc_step(
-            x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD
-        )
+        xb, dyb, mb = _mc_step(x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
         da = tl.where(ma, xa - pivot[None, :], 0.0)
         db = tl.where(mb, xb - pivot[None, :], 0.0)
         if GRAD:
@@ -580,7 +577,7 @@ class Tuning:
 TUNING = Tuning()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -831,12 +828,9 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
 # ----------------------------------------------------------------------------------------------
 
 
-FAST_LAUNCH_ENV = "SYNCBN_TRITON_FAST_LAUNCH"
-
-
 def fast_launch_enabled() -> bool:
     """Whether ``SYNCBN_TRITON_FAST_LAUNCH=1`` asks for the fast launch path (see ``_launch``)."""
-    return os.environ.get(FAST_LAUNCH_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return settings.TRITON_FAST_LAUNCH.get()
 
 
 def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) -> None:
@@ -858,12 +852,19 @@ def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) ->
         kernel[(grid,)](*args, **consts)
         return
     device = torch.cuda.current_device()
-    key = (kernel, device, *consts.values(), *[(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)])
+    key = (
+        kernel,
+        device,
+        *consts.values(),
+        *[(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)],
+    )
     hit = plan.launches.get(key)
     if hit is not None and _no_launch_hooks():
         compiled, constexprs = hit
         stream = torch._C._cuda_getCurrentRawStream(device)
-        compiled.run(grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
+        compiled.run(
+            grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs
+        )
         return
     compiled = kernel[(grid,)](*args, **consts)
     constexprs = _constexpr_tail(kernel, args, consts)
