@@ -91,7 +91,7 @@ def info() -> int:
     print("            communication: per layer, one all_reduce of 2C+1 float64 values in forward")
     print("            and one of 2C in backward, when the process group has more than one rank")
     if kernels:
-        fast = triton_backend().fast_launch_enabled()
+        fast = settings.TRITON_FAST_LAUNCH.get()
         print(
             "            kernel launches: "
             + (

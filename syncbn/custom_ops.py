@@ -17,7 +17,7 @@ computes in compiled code exactly what it computes in eager mode.
 
 Why only under compile. The dispatcher costs tens of microseconds per call on the host, more
 than the whole layer on small CPU tensors, so eager mode keeps the autograd Function
-(``syncbn.functional``) and ``_training_forward`` picks the ops only while
+(``syncbn.functional``) and ``syncbn.functional.training_forward`` picks the ops only while
 ``torch.compiler.is_compiling()``.
 
 The process group travels as its name (custom ops take no ProcessGroup objects) and is
@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .functional import backward_pass, forward_pass, in_backward_pass
-from .ops.reference import stat_dtype
+from .dtypes import stat_dtype
+from .passes import Call, backward_pass, count_batch, forward_pass, in_backward_pass
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup | None:
@@ -79,19 +79,13 @@ def _forward_op(
     none of them; ``cumulative`` (momentum=None) takes the momentum from the counter.
     ``mean`` and ``invstd`` are zeros when nothing was normalized.
     """
-    recomputed = in_backward_pass()
-    new_mean = running_mean.clone() if running_mean is not None else None
-    new_var = running_var.clone() if running_var is not None else None
-    new_count = num_batches_tracked.clone() if num_batches_tracked is not None else None
-    weight_of_new: float | torch.Tensor = momentum if momentum_tensor is None else momentum_tensor
-    if new_count is not None and not recomputed:
-        new_count.add_(1)
-        if cumulative:
-            weight_of_new = new_count.double().reciprocal()
-    output, mean, invstd, count = forward_pass(
-        input, weight, bias, None if recomputed else new_mean, None if recomputed else new_var,
-        weight_of_new, eps, _resolve_group(group_name), sync, name,
-    )  # fmt: skip
+    new_mean, new_var, new_count = (
+        t.clone() if t is not None else None for t in (running_mean, running_var, num_batches_tracked)
+    )
+    momentum_arg = None if cumulative else (momentum if momentum_tensor is None else momentum_tensor)
+    running = count_batch(new_mean, new_var, new_count, momentum_arg, recomputed=in_backward_pass())
+    call = Call(eps, _resolve_group(group_name), sync, name)
+    output, mean, invstd, count = forward_pass(input, weight, bias, running, call)
     none = input.new_empty((0,))
     buffers = tuple(none.clone() if t is None else t for t in (new_mean, new_var, new_count))
     if mean is None:  # no channels, or no sample in the whole group
@@ -151,10 +145,10 @@ def _backward_op(
         if weight is not None:
             grads = (grads[0], grads[1].to(weight.dtype), grads[2])
     else:
+        call = Call(0.0, _resolve_group(group_name), sync, name)
         grads = backward_pass(
-            grad_output, input, weight, mean, invstd, count, _resolve_group(group_name), sync,
-            (need_input, need_weight, need_bias), mean.dtype, name,
-        )  # fmt: skip
+            grad_output, input, weight, mean, invstd, count, call, (need_input, need_weight, need_bias), mean.dtype
+        )
     grad_input, grad_weight, grad_bias = grads
     return (
         _like_input(grad_input, input) if need_input else input.new_empty((0,)),
@@ -206,27 +200,25 @@ def sync_batch_norm_op(
     input: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
+    *,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
-    eps: float,
-    process_group: dist.ProcessGroup | None,
-    sync: bool,
-    name: str = "",
-    num_batches_tracked: torch.Tensor | None = None,
-    cumulative: bool = False,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | torch.Tensor | None,
+    call: Call,
 ) -> torch.Tensor:
     """The training-mode layer through ``torch.ops.syncbn.forward`` (what compiled code calls).
 
-    With ``num_batches_tracked`` the op counts the batch (the module's bookkeeping, done here
-    rather than in traced code); ``cumulative`` is ``momentum=None``.
+    The op applies ``count_batch`` itself (``momentum=None``: the cumulative average, from the
+    counter), so that a recomputation in backward counts nothing.
     """
     momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
-    momentum_float = 0.0 if momentum_tensor is not None else float(momentum)
-    group_name = process_group.group_name if (sync and process_group is not None) else ""
+    momentum_float = 0.0 if momentum_tensor is not None or momentum is None else float(momentum)
+    group_name = call.process_group.group_name if (call.sync and call.process_group is not None) else ""
+    name = call.layer if isinstance(call.layer, str) else (getattr(call.layer, "_syncbn_name", None) or "")
     output, _, _, _, *new_buffers = _forward_op(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor,
-        momentum_float, cumulative, float(eps), group_name, sync, name,
+        momentum_float, momentum is None, float(call.eps), group_name, call.sync, name,
     )  # fmt: skip
     with torch.no_grad():
         for buffer, new in zip((running_mean, running_var, num_batches_tracked), new_buffers):

@@ -11,10 +11,9 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _training_forward, check_input, in_backward_pass
+from .functional import check_input, eval_forward, training_forward
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -74,47 +73,20 @@ class SyncBatchNorm(_BatchNorm):
         # module attribute from compiled code costs a recompilation on the next call.
         if not torch.compiler.is_compiling() and input.dim() != self._input_dim:
             self._input_dim = input.dim()
-
-        # A training forward recomputed during backward (activation checkpointing) is the same
-        # batch again: it normalizes and synchronizes, but counts no batch and leaves the
-        # running statistics alone. Under torch.compile the custom op applies that rule and
-        # counts the batch itself (traced code would count a recomputation again).
-        compiling = torch.compiler.is_compiling()
-        recomputed = self.training and not compiling and in_backward_pass()
-
-        # Exactly nn.BatchNorm's bookkeeping, except that the cumulative-average factor of
-        # momentum=None stays a device tensor instead of being read back to the host.
-        momentum: float | torch.Tensor = 0.0 if self.momentum is None else self.momentum
-        counted = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if counted and not recomputed and not compiling:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = self.num_batches_tracked.double().reciprocal()
-
         if not self.training:
-            if input.shape[1] == 0:
-                return input.clone()  # no channels (F.batch_norm would index channel 0)
-            if self.running_mean is None and self.running_var is None:
-                # Eval mode without running statistics: local batch statistics, no communication
-                # (as torch.nn.SyncBatchNorm).
-                return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            # Eval mode with running statistics: no communication.
-            return F.batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
-        tracked = self.track_running_stats and not recomputed
-        return _training_forward(
+            return eval_forward(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        tracked = self.track_running_stats
+        return training_forward(
             input,
-            self.running_mean if tracked else None,
-            self.running_var if tracked else None,
             self.weight,
             self.bias,
-            momentum,
-            self.eps,
-            self.process_group,
-            self,
-            self.num_batches_tracked if counted and compiling else None,
-            self.momentum is None,
+            running_mean=self.running_mean if tracked else None,
+            running_var=self.running_var if tracked else None,
+            num_batches_tracked=self.num_batches_tracked if tracked else None,
+            momentum=self.momentum,
+            eps=self.eps,
+            process_group=self.process_group,
+            layer=self,
         )
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:

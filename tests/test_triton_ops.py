@@ -23,10 +23,13 @@ import torch.nn as nn
 
 from syncbn import settings
 from syncbn.functional import sync_batch_norm
-from syncbn.ops import backend_name, reference
+from syncbn.ops import backend_name, launch_plan, reference
+from syncbn.ops.launch_plan import Plan, Tuning
+from syncbn.passes import RunningStats
 from tests.oracle import layer_pair
 
 triton_ops = pytest.importorskip("syncbn.ops.triton", reason="triton is not installed")
+from syncbn.ops import fast_launch  # noqa: E402  (imports triton)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = (torch.float16, torch.bfloat16)
@@ -55,11 +58,11 @@ OUT_TOL = {
 # Launch rules shrunk so that tiny tensors get what big ones get on a GPU: many tiles per channel
 # (the merge kernel loops over them), and tiles of many steps (the reduce loop, odd and even
 # step counts).
-MANY_TILES = triton_ops.Tuning(
+MANY_TILES = Tuning(
     tile_bytes=256, reduce_programs_per_sm=4, workspace_fraction=100.0, max_tiles=64,
     merge_step=4, sm_count=8,
 )  # fmt: skip
-LONG_TILES = triton_ops.Tuning(
+LONG_TILES = Tuning(
     tile_bytes=64, reduce_programs_per_sm=3, workspace_fraction=100.0, max_tiles=64,
     merge_step=2, sm_count=1,
 )  # fmt: skip
@@ -69,7 +72,7 @@ TILINGS = {"default-tiles": None, "many-tiles": MANY_TILES, "long-tiles": LONG_T
 @pytest.fixture(params=list(TILINGS))
 def tiling(request, monkeypatch):
     if TILINGS[request.param] is not None:
-        monkeypatch.setattr(triton_ops, "TUNING", TILINGS[request.param])
+        monkeypatch.setattr(launch_plan, "TUNING", TILINGS[request.param])
     return request.param
 
 
@@ -132,7 +135,7 @@ def test_ops_match_reference(shape, memory_format, dtype, tiling):
     torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=1e-9)
 
     # From here on both sides get the same inputs, so each op is checked on its own.
-    ref_mean32, ref_invstd = reference.finalize(ref_stats, 1e-5, None, None, 0.1, torch.float32)
+    ref_mean32, ref_invstd = reference.finalize(ref_stats, 1e-5, None, torch.float32)
     weight = torch.randn(channels, device=DEVICE)
     bias = torch.randn(channels, device=DEVICE)
     rtol, atol = OUT_TOL[dtype]
@@ -175,15 +178,19 @@ def test_fused_ops_match_their_parts(shape, memory_format, tiling):
     bias = torch.randn(channels, device=DEVICE)
     running = [torch.randn(channels, device=DEVICE), torch.rand(channels, device=DEVICE) + 0.5]
     parts_running = [t.clone() for t in running]
-    y, mean, invstd = triton_ops.finalize_normalize(x, stats, 1e-5, weight, bias, *running, 0.1)
-    parts_mean, parts_invstd = triton_ops.finalize(stats, 1e-5, *parts_running, 0.1, torch.float32)
+    y, mean, invstd = triton_ops.finalize_normalize(
+        x, stats, eps=1e-5, weight=weight, bias=bias, running=RunningStats(*running, 0.1)
+    )
+    parts_mean, parts_invstd = triton_ops.finalize(stats, 1e-5, RunningStats(*parts_running, 0.1), torch.float32)
     assert torch.equal(mean, parts_mean) and torch.equal(invstd, parts_invstd)
     assert torch.equal(running[0], parts_running[0]) and torch.equal(running[1], parts_running[1])
     assert_same_layout(y, x)
     assert torch.equal(y, triton_ops.normalize(x, mean, invstd, weight, bias))
 
     dy = randn_like(x, seed=1)
-    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.bfloat16)
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(
+        dy, x, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.bfloat16
+    )
     assert torch.equal(sums, triton_ops.backward_reduce(dy, x, mean))
     assert grad_weight.dtype == torch.float32 and grad_bias.dtype == torch.bfloat16
     assert torch.equal(grad_weight, sums[channels:] * invstd)
@@ -191,7 +198,8 @@ def test_fused_ops_match_their_parts(shape, memory_format, tiling):
         assert torch.equal(grad_bias, sums[:channels].to(torch.bfloat16))
     else:  # Triton's interpreter rounds float32 to bfloat16 toward zero, not to nearest
         torch.testing.assert_close(grad_bias.float(), sums[:channels], rtol=2**-7, atol=0)
-    assert triton_ops.backward_reduce_affine(dy, x, mean, invstd, None, None)[1:] == (None, None)
+    no_affine = triton_ops.backward_reduce_affine(dy, x, mean, invstd, weight_dtype=None, bias_dtype=None)
+    assert no_affine[1:] == (None, None)
 
 
 @pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
@@ -203,14 +211,20 @@ def test_fused_forward_on_an_empty_rank_still_finalizes(momentum_kind):
     running = [torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)]
     ref_running = [t.clone() for t in running]
     x = torch.empty((0, 5, 3), device=DEVICE)
-    y, mean, invstd = triton_ops.finalize_normalize(x, stats, 1e-5, None, None, *running, momentum)
-    ref_y, ref_mean, ref_invstd = reference.finalize_normalize(x, stats, 1e-5, None, None, *ref_running, momentum)
+    y, mean, invstd = triton_ops.finalize_normalize(
+        x, stats, eps=1e-5, weight=None, bias=None, running=RunningStats(*running, momentum)
+    )
+    ref_y, ref_mean, ref_invstd = reference.finalize_normalize(
+        x, stats, eps=1e-5, weight=None, bias=None, running=RunningStats(*ref_running, momentum)
+    )
     assert y.shape == x.shape
     torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(invstd, ref_invstd, rtol=1e-6, atol=0)
     for got, want in zip(running, ref_running):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(x, x, mean, invstd, torch.float32, torch.float32)
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(
+        x, x, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.float32
+    )
     assert not sums.any() and not grad_weight.any() and not grad_bias.any()
 
 
@@ -229,13 +243,11 @@ def test_finalize(running, momentum, momentum_kind):
     rm_ref, rv_ref = rm.clone(), rv.clone()
     with_buffers = running != "no-buffers"
     mean, invstd = triton_ops.finalize(
-        stats, 1e-5, rm if with_buffers else None, rv if with_buffers else None, momentum,
-        torch.float32,
-    )  # fmt: skip
+        stats, 1e-5, RunningStats(rm, rv, momentum) if with_buffers else None, torch.float32
+    )
     ref_mean, ref_invstd = reference.finalize(
-        stats, 1e-5, rm_ref if with_buffers else None, rv_ref if with_buffers else None,
-        momentum, torch.float32,
-    )  # fmt: skip
+        stats, 1e-5, RunningStats(rm_ref, rv_ref, momentum) if with_buffers else None, torch.float32
+    )
     # The same float64 formulas rounded once to float32 (eps travels as float32: 1e-8 relative).
     torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(invstd, ref_invstd, rtol=1e-6, atol=0)
@@ -252,7 +264,7 @@ def test_finalize(running, momentum, momentum_kind):
 def test_optional_weight_and_bias(affine, memory_format):
     x = make_input((2, 5, 3, 3), torch.float32, memory_format)
     stats = reference.local_stats(x)
-    mean, invstd = reference.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+    mean, invstd = reference.finalize(stats, 1e-5, None, torch.float32)
     weight = torch.randn(5, device=DEVICE) if affine in ("weight-and-bias", "weight-only") else None
     bias = torch.randn(5, device=DEVICE) if affine in ("weight-and-bias", "bias-only") else None
     # float32 math in another order.
@@ -282,7 +294,7 @@ def test_optional_weight_and_bias(affine, memory_format):
 def test_grad_out_in_another_layout(x_format, dy_kind):
     x = make_input((2, 6, 5, 5), torch.bfloat16, x_format)
     stats = reference.local_stats(x)
-    mean, invstd = reference.finalize(stats, 1e-5, None, None, 0.1, torch.float32)
+    mean, invstd = reference.finalize(stats, 1e-5, None, torch.float32)
     if dy_kind == "expanded":
         dy = torch.ones((), dtype=x.dtype, device=DEVICE).expand(x.shape)
     else:
@@ -313,7 +325,7 @@ def test_strided_input_is_copied_once_and_correct():
         ref_stats = reference.local_stats(x)
         # Same as the main test: float32 tile sums merged in float64.
         torch.testing.assert_close(moments(stats)[2], moments(ref_stats)[2], rtol=1e-5, atol=1e-9)
-        mean, invstd = reference.finalize(ref_stats, 1e-5, None, None, 0.1, torch.float32)
+        mean, invstd = reference.finalize(ref_stats, 1e-5, None, torch.float32)
         y = triton_ops.normalize(x, mean, invstd, None, None)
         torch.testing.assert_close(y, reference.normalize(x, mean, invstd, None, None), rtol=1e-5, atol=1e-5)
 
@@ -332,7 +344,7 @@ def test_statistics_are_stable_at_large_mean(shape, memory_format, tiling):
     # (rounding each tile's mean to float32 before merging gave 2e-5 here).
     torch.testing.assert_close(var, x64.var(0, unbiased=False), rtol=2e-6, atol=0)
     torch.testing.assert_close(mean, x64.mean(0), rtol=0, atol=1e-3)  # an ulp of 1e4 in float32
-    mean32, invstd = triton_ops.finalize(triton_ops.local_stats(x), 1e-5, None, None, 0.1, torch.float32)
+    mean32, invstd = triton_ops.finalize(triton_ops.local_stats(x), 1e-5, None, torch.float32)
     y = triton_ops.normalize(x, mean32, invstd, None, None)
     y64 = (x64 - x64.mean(0)) / (x64.var(0, unbiased=False) + 1e-5).sqrt()
     # y inherits the float32 mean's rounding (half an ulp of 1e4, 5e-4) times invstd (about 1).
@@ -440,7 +452,7 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
     specialization (a constexpr, num_warps, a dtype, 16-byte alignment) goes through Triton again."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
-    plan = triton_ops._Plan(None, True, None, None, cuda=True)
+    plan = Plan(None, True, None, None, cuda=True)
     kernel = FakeKernel()
     buf = torch.zeros(16)
     aligned, misaligned = buf[:8], buf[1:9]
@@ -448,12 +460,12 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
 
     monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "0")
     for _ in range(2):
-        triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
+        fast_launch.launch(plan, kernel, 7, (aligned, 5), consts)
     assert len(kernel.ordinary) == 2 and not kernel.compiled.direct and not plan.launches
 
     monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "1")
-    triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
-    triton_ops._launch(plan, kernel, 9, (aligned, 6), consts)
+    fast_launch.launch(plan, kernel, 7, (aligned, 5), consts)
+    fast_launch.launch(plan, kernel, 9, (aligned, 6), consts)
     assert len(kernel.ordinary) == 3
     # grid (x, y, z), stream, function, metadata, launch metadata and hooks (none), then every
     # parameter in signature order: runtime arguments, then constexprs
@@ -464,33 +476,33 @@ def test_fast_launch_reuses_the_compiled_kernel_per_specialization(monkeypatch):
     for args, kw in [((misaligned, 5), consts), ((aligned, 5), dict(consts, FLAG=False)),
                      ((aligned, 5), dict(consts, num_warps=8)), ((aligned.double(), 5), consts)]:  # fmt: skip
         before = len(kernel.ordinary)
-        triton_ops._launch(plan, kernel, 7, args, kw)
+        fast_launch.launch(plan, kernel, 7, args, kw)
         assert len(kernel.ordinary) == before + 1, kw  # a new specialization: through Triton
-        triton_ops._launch(plan, kernel, 7, args, kw)
+        fast_launch.launch(plan, kernel, 7, args, kw)
         assert len(kernel.ordinary) == before + 1, kw  # and then direct
 
     # A launch hook set (a profiler): through Triton, so that the hook sees every launch.
-    hooks = triton_ops.triton.knobs.runtime.launch_enter_hook
+    hooks = fast_launch.triton.knobs.runtime.launch_enter_hook
     hook = lambda metadata: None  # noqa: E731
     hooks.add(hook)
     try:
         before = len(kernel.ordinary)
-        triton_ops._launch(plan, kernel, 7, (aligned, 5), consts)
+        fast_launch.launch(plan, kernel, 7, (aligned, 5), consts)
         assert len(kernel.ordinary) == before + 1
     finally:
         hooks.remove(hook)
 
-    interpreter_plan = triton_ops._Plan(None, True, None, None, cuda=False)
+    interpreter_plan = Plan(None, True, None, None, cuda=False)
     for _ in range(2):
-        triton_ops._launch(interpreter_plan, kernel, 7, (aligned, 5), consts)
+        fast_launch.launch(interpreter_plan, kernel, 7, (aligned, 5), consts)
     assert not interpreter_plan.launches
     missing = dict(BLOCK=64, num_warps=4)  # FLAG not given: no safe argument order, no caching
-    assert triton_ops._constexpr_tail(kernel, (aligned, 5), missing) is None
+    assert fast_launch.constexpr_tail(kernel, (aligned, 5), missing) is None
     # A Triton older than 3.3 (launcher without the constexprs): never directly launched.
-    monkeypatch.setattr(triton_ops, "_LAUNCHER_TAKES_ALL_PARAMS", False)
-    old_triton_plan = triton_ops._Plan(None, True, None, None, cuda=True)
+    monkeypatch.setattr(fast_launch, "LAUNCHER_TAKES_ALL_PARAMS", False)
+    old_triton_plan = Plan(None, True, None, None, cuda=True)
     for _ in range(2):
-        triton_ops._launch(old_triton_plan, kernel, 7, (aligned, 5), consts)
+        fast_launch.launch(old_triton_plan, kernel, 7, (aligned, 5), consts)
     assert not old_triton_plan.launches
 
 
@@ -499,13 +511,13 @@ def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(me
     """The fast path's argument order rests on this: each launch gives exactly the kernel's
     runtime parameters, in order, positionally, and every constexpr by name."""
     seen = []
-    real = triton_ops._launch
+    real = triton_ops.launch
 
     def recording(plan, kernel, grid, args, consts):
         seen.append((kernel, args, consts))
         return real(plan, kernel, grid, args, consts)
 
-    monkeypatch.setattr(triton_ops, "_launch", recording)
+    monkeypatch.setattr(triton_ops, "launch", recording)
     monkeypatch.setenv("SYNCBN_BACKEND", "triton")
     x = make_input((2, 3, 4, 4), torch.float32, memory_format).requires_grad_()
     for affine in (True, False):
@@ -521,7 +533,7 @@ def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(me
         assert [p.name for p in params] == kernel.arg_names, name
         constexpr_positions = {i for i, p in enumerate(params) if "constexpr" in str(p.annotation)}
         assert constexpr_positions == set(range(len(args), len(params))), name
-        tail = triton_ops._constexpr_tail(kernel, args, consts)
+        tail = fast_launch.constexpr_tail(kernel, args, consts)
         assert tail is not None and len(args) + len(tail) == len(params), name
 
 

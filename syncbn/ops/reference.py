@@ -26,20 +26,19 @@ kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from ..dtypes import HALF_DTYPES, stat_dtype
+
+if TYPE_CHECKING:
+    from ..passes import RunningStats
 # The eval-mode kernels below run with var = 1 so that their 1/sqrt(var + eps) is exactly 1.
 # F.batch_norm rejects eps = 0 (torch 2.11), so eps is one that 1 + eps rounds away in any
 # floating type (and that is still a normal float32).
 UNIT_EPS = 1e-30
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator and statistics dtype for an input dtype: float64 stays, the rest is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -159,29 +158,24 @@ def _update_running(buffer: torch.Tensor, batch_value: torch.Tensor, momentum: f
 
 
 def finalize(
-    stats: torch.Tensor,
-    eps: float,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
-    dtype: torch.dtype,
+    stats: torch.Tensor, eps: float, running: RunningStats | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global mean and invstd from the all-reduced ``stats``; updates the running buffers in place.
 
     Everything stays on the device: the global count is read as a tensor, the unbiased variance
-    is ``var * n / (n - 1)``, and ``momentum`` may be a 0-d tensor (the cumulative average of
-    ``momentum=None``). The caller guarantees a global count of at least 2.
+    is ``var * n / (n - 1)``, and ``running.momentum`` may be a 0-d tensor (the cumulative
+    average of ``momentum=None``). The caller guarantees a global count of at least 2.
     """
     channels = (stats.numel() - 1) // 2
     count = stats[2 * channels]
     mean = stats[:channels] / count
     var = (stats[channels : 2 * channels] / count).sub_(mean * mean).clamp_(min=0.0)
     invstd = (var + eps).rsqrt_()
-    if running_mean is not None:
-        _update_running(running_mean, mean, momentum)
-    if running_var is not None:
+    if running is not None and running.mean is not None:
+        _update_running(running.mean, mean, running.momentum)
+    if running is not None and running.var is not None:
         unbiased = var.mul_(count / (count - 1))
-        _update_running(running_var, unbiased, momentum)
+        _update_running(running.var, unbiased, running.momentum)
     return mean.to(dtype), invstd.to(dtype)
 
 
@@ -214,16 +208,15 @@ def normalize(
 def finalize_normalize(
     x: torch.Tensor,
     stats: torch.Tensor,
+    *,
     eps: float,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
+    running: RunningStats | None,
     scratch: Centred | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finalize`` then ``normalize``: ``(output, mean, invstd)``, statistics in ``stat_dtype``."""
-    mean, invstd = finalize(stats, eps, running_mean, running_var, momentum, stat_dtype(x.dtype))
+    mean, invstd = finalize(stats, eps, running, stat_dtype(x.dtype))
     return normalize(x, mean, invstd, weight, bias, scratch), mean, invstd
 
 
@@ -239,8 +232,7 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
         # kernel torch's own SyncBatchNorm uses for the same two sums. The (unused) float weight
         # makes half-precision input a "mixed type" call: without a weight, ATen's contiguous
         # (non channels-last) path takes half input with float32 statistics as unmixed and
-        # expects statistics in the input's dtype (the likely cause of the half-precision
-        # failures of tests/test_triton_ops.py on the first GPU run; the next run checks it).
+        # expects statistics in the input's dtype.
         sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(grad_out, x, mean, one, one, True, False, False)
         return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
     # Eval-mode backward with var = 1: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
@@ -255,6 +247,7 @@ def backward_reduce_affine(
     x: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor | None,
+    *,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

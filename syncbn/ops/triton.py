@@ -1,19 +1,11 @@
-"""The Triton backend: the four local passes of synchronized batch norm as GPU kernels.
+"""The Triton backend: the local passes of synchronized batch norm as GPU kernels.
 
 Same functions, same signatures, as ``syncbn.ops.reference``; ``syncbn.ops.backend_for``
 sends CUDA tensors of float32, float16 and bfloat16 here (and, with ``SYNCBN_BACKEND=triton``,
 CPU tensors too, which Triton runs only under ``TRITON_INTERPRET=1``: that is how CI tests it).
-
-Layouts. An input is classified once and viewed without copying as
-
-- ``ncs``: contiguous ``(N, C, *)`` as ``(N, C, S)``, element ``(n, c, s)`` at ``(n*C + c)*S + s``;
-- ``mc``: channels_last / channels_last_3d (any input whose ``movedim(1, -1)`` is contiguous),
-  2-D ``(N, C)``, and contiguous input with ``S == 1``, as ``(M, C)`` row-major, ``M = N*S``.
-
-Any other strides (a transposed or sliced view) are copied to contiguous once per pass: the only
-copy this backend ever makes of an activation. ``grad_out`` that arrives in another memory format
-than the input is brought to the input's layout with one copy (an expanded gradient, as from
-``y.sum().backward()``, is such a case).
+The file reads top to bottom: kernels, then the launchers that are the backend interface.
+Layouts, block sizes and grids come from ``syncbn.ops.launch_plan``; every launch goes through
+``syncbn.ops.fast_launch``.
 
 Passes and kernels (launches per call in brackets). The layer calls ``forward_stats``,
 ``finalize_normalize``, ``backward_reduce_affine`` and ``backward_elemt``: six launches per
@@ -40,28 +32,59 @@ the outputs and small buffers (eager speed on small layers is host time per laun
 
 Nothing is read back to the host and nothing is allocated beyond the outputs and small
 per-channel buffers (the tile partials, ``3 * C * T`` floats), so a training step can be
-captured in a CUDA graph. Launch configurations are plain rules (powers of two bounded by C and
-S; enough programs for every multiprocessor), no autotuning: nothing to run during capture,
-only the usual warm-up call that compiles each kernel before capture. Integer arguments are
-kept out of Triton's specialization except the strides that decide vector widths (S for
-``ncs``, C for ``mc``, the tile's S span), so that a new shape rarely means a new compile.
+captured in a CUDA graph: no autotuning, only the usual warm-up call that compiles each kernel
+before capture. Integer arguments are kept out of Triton's specialization except the strides
+that decide vector widths (S for ``ncs``, C for ``mc``, the tile's S span), so that a new shape
+rarely means a new compile.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import settings
+from .fast_launch import launch
+from .launch_plan import Plan, cdiv, dense, match_layout, next_pow2
+
+if TYPE_CHECKING:
+    from ..passes import RunningStats
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _step_terms(x, dy, mask, pivot, GRAD: tl.constexpr):
+    """One step's terms of the two tile sums, 0 where masked.
+
+    GRAD: ``dy`` and ``dy * (x - mean)`` (``pivot`` is the global mean); statistics: ``d`` and
+    ``d * d`` with ``d = x - pivot``.
+    """
+    d = tl.where(mask, x - pivot, 0.0)
+    if GRAD:
+        return dy, dy * d
+    else:
+        return d, d * d
+
+
+@triton.jit
+def _store_partials(part_ptr, c, c_mask, t, C, T, s1, s2, pivot, count, GRAD: tl.constexpr):
+    """Tile ``t``'s partials of channels ``c``: ``[sum dy, sum dy*(x-mean)]`` (GRAD), else
+    ``[tile mean - pivot, tile M2, pivot]`` from the sums of ``d = x - pivot`` over ``count`` values."""
+    if GRAD:
+        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
+        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
+    else:
+        # The pivot travels apart from the shifted mean: their float32 sum would lose the
+        # mean's low digits (an ulp of 1e4 is 1e-3) and the merge would turn that into variance.
+        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
+        m2 = s2 - s1 * (s1 / count)
+        tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
+        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
 
 
 @triton.jit
@@ -129,13 +152,9 @@ def _reduce_ncs_kernel(
     )  # fmt: skip
     if GRAD:
         pivot = tl.load(mean_ptr + c0 + c_local, mask=c_mask, other=0.0).to(tl.float32)
-        acc1 = dy
-        acc2 = dy * tl.where(mask, x - pivot[:, None], 0.0)
     else:
         pivot = tl.sum(x, axis=1) / tl.minimum(s_hi - s_lo, BLOCK_S).to(tl.float32)
-        d = tl.where(mask, x - pivot[:, None], 0.0)
-        acc1 = d
-        acc2 = d * d
+    acc1, acc2 = _step_terms(x, dy, mask, pivot[:, None], GRAD)
 
     # Two steps per iteration, so that two loads are in flight before either is used.
     for k in range(1, n_iter, 2):
@@ -147,29 +166,15 @@ def _reduce_ncs_kernel(
             x_ptr, dy_ptr, k + 1, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask,
             s_offs, BLOCK_S, GRAD,
         )  # fmt: skip
-        da = tl.where(ma, xa - pivot[:, None], 0.0)
-        db = tl.where(mb, xb - pivot[:, None], 0.0)
-        if GRAD:
-            acc1 += dya + dyb
-            acc2 += dya * da + dyb * db
-        else:
-            acc1 += da + db
-            acc2 += da * da + db * db
+        a1, a2 = _step_terms(xa, dya, ma, pivot[:, None], GRAD)
+        b1, b2 = _step_terms(xb, dyb, mb, pivot[:, None], GRAD)
+        acc1 += a1 + b1
+        acc2 += a2 + b2
 
-    s1 = tl.sum(acc1, axis=1)
-    s2 = tl.sum(acc2, axis=1)
-    c = c0 + c_local
-    if GRAD:
-        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
-        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
-    else:
-        # The pivot travels apart from the shifted mean: their float32 sum would lose the
-        # mean's low digits (an ulp of 1e4 is 1e-3) and the merge would turn that into variance.
-        count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
-        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
-        m2 = s2 - s1 * (s1 / count)
-        tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
-        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+    count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
+    _store_partials(
+        part_ptr, c0 + c_local, c_mask, t, C, T, tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), pivot, count, GRAD
+    )
 
 
 @triton.jit
@@ -222,37 +227,20 @@ def _reduce_mc_kernel(
     x, dy, mask = _mc_step(x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
     if GRAD:
         pivot = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-        acc1 = dy
-        acc2 = dy * tl.where(mask, x - pivot[None, :], 0.0)
     else:
         pivot = tl.sum(x, axis=0) / tl.minimum(m_hi - m_lo, BLOCK_M).to(tl.float32)
-        d = tl.where(mask, x - pivot[None, :], 0.0)
-        acc1 = d
-        acc2 = d * d
+    acc1, acc2 = _step_terms(x, dy, mask, pivot[None, :], GRAD)
 
     for k in range(1, n_iter, 2):
         xa, dya, ma = _mc_step(x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
         xb, dyb, mb = _mc_step(x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
-        da = tl.where(ma, xa - pivot[None, :], 0.0)
-        db = tl.where(mb, xb - pivot[None, :], 0.0)
-        if GRAD:
-            acc1 += dya + dyb
-            acc2 += dya * da + dyb * db
-        else:
-            acc1 += da + db
-            acc2 += da * da + db * db
+        a1, a2 = _step_terms(xa, dya, ma, pivot[None, :], GRAD)
+        b1, b2 = _step_terms(xb, dyb, mb, pivot[None, :], GRAD)
+        acc1 += a1 + b1
+        acc2 += a2 + b2
 
-    s1 = tl.sum(acc1, axis=0)
-    s2 = tl.sum(acc2, axis=0)
-    if GRAD:
-        tl.store(part_ptr + c * T + t, s1, mask=c_mask)
-        tl.store(part_ptr + C * T + c * T + t, s2, mask=c_mask)
-    else:
-        count = (m_hi - m_lo).to(tl.float32)
-        tl.store(part_ptr + c * T + t, s1 / count, mask=c_mask)
-        m2 = s2 - s1 * (s1 / count)
-        tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
-        tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+    count = (m_hi - m_lo).to(tl.float32)
+    _store_partials(part_ptr, c, c_mask, t, C, T, tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), pivot, count, GRAD)
 
 
 @triton.jit(do_not_specialize=["C", "T", "R", "rows_per", "S", "cols_per", "col_splits"])
@@ -330,6 +318,20 @@ def _merge_kernel(
 
 
 @triton.jit
+def _update_running(running_ptr, c, write, batch_value, w):
+    """``running = lerp(running, batch_value, w)`` for the channels in ``write``, in float32.
+
+    ``batch_value`` is first rounded to the buffer's dtype, and the lerp is torch.lerp's formula
+    (two branches), so that a weight of 1 gives exactly what the torch path stores.
+    """
+    old = tl.load(running_ptr + c, mask=write)
+    new = batch_value.to(old.dtype).to(tl.float32)
+    old = old.to(tl.float32)
+    upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
+    tl.store(running_ptr + c, upd, mask=write)
+
+
+@triton.jit
 def _finalize_channels(
     stats_ptr,  # (2C+1,) float64 all-reduced [sum x, sum x^2, count]
     c,
@@ -367,19 +369,10 @@ def _finalize_channels(
             w = tl.load(momentum_ptr).to(tl.float32)
         else:
             w = momentum
-    # torch.lerp's formula (two branches), so that a weight of 1 gives exactly the new value.
     if HAS_RUNNING_MEAN:
-        old = tl.load(running_mean_ptr + c, mask=write)
-        new = mean32.to(old.dtype).to(tl.float32)
-        old = old.to(tl.float32)
-        upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
-        tl.store(running_mean_ptr + c, upd, mask=write)
+        _update_running(running_mean_ptr, c, write, mean32, w)
     if HAS_RUNNING_VAR:
-        old = tl.load(running_var_ptr + c, mask=write)
-        new = (var * (n / (n - 1.0))).to(tl.float32).to(old.dtype).to(tl.float32)
-        old = old.to(tl.float32)
-        upd = tl.where(w < 0.5, old + w * (new - old), new - (new - old) * (1.0 - w))
-        tl.store(running_var_ptr + c, upd, mask=write)
+        _update_running(running_var_ptr, c, write, (var * (n / (n - 1.0))).to(tl.float32), w)
     return mean32, invstd32
 
 
@@ -552,405 +545,39 @@ def _elemt_mc_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Layouts and launch configurations
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """Knobs of the launch rules (tests shrink them to get many tiles from tiny tensors)."""
-
-    tile_bytes: int = 8192
-    """Bytes of one input per program per step: 2048 float32 or 4096 half values."""
-    reduce_programs_per_sm: int = 8
-    """Reduction programs wanted per multiprocessor (a few waves: a short tail)."""
-    workspace_fraction: float = 0.05
-    """Tile partials (12 bytes per channel per tile) stay under this fraction of the input."""
-    max_tiles: int = 2048
-    """Upper bound on tiles per channel, which bounds the merge's work."""
-    merge_step: int = 1024
-    """Tiles the merge kernel reads per channel per step (at most 1024)."""
-    sm_count: int | None = None
-    """Override of the multiprocessor count (None: read off the device; 4 for CPU tensors)."""
-
-
-TUNING = Tuning()
-
-
-@functools.cache
-def _device_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if TUNING.sm_count is not None:
-        return TUNING.sm_count
-    if device.type != "cuda":
-        return 4  # CPU tensors run under the interpreter: few programs is fastest.
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_sm_count(index)
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv: a Triton constexpr function, microseconds per call from Python.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def _pow2s(lo: int, hi: int) -> list[int]:
-    """Powers of two from ``hi`` down to ``lo`` (both powers of two)."""
-    out = []
-    while hi >= lo:
-        out.append(hi)
-        hi //= 2
-    return out
-
-
-def _padded(n: int, block: int) -> int:
-    return _cdiv(n, block) * block
-
-
-def _s_block(s: int, tile: int) -> int:
-    """Block along S (contiguous) for the (N, C, S) kernels.
-
-    The largest power of two (at least 128, at most the tile) that pads S by at most 1/32, so
-    that rows split into few, nearly full blocks; failing that, one block covering the whole row
-    (small S such as 49 or 196: masked lanes cost issue slots, not memory traffic).
-    """
-    full = min(_next_pow2(s), tile)
-    for p in _pow2s(min(128, full), full):
-        if _padded(s, p) * 32 <= s * 33:
-            return p
-    return full
-
-
-def _c_block(c: int) -> int:
-    """Widest block along C (contiguous) for the (M, C) kernels: up to 256 with padding <= 1/8."""
-    cands = _pow2s(16, 256)
-    best = min(_padded(c, p) for p in cands)
-    widest = max(p for p in cands if _padded(c, p) * 8 <= best * 9)
-    return min(widest, _next_pow2(c))
-
-
-@dataclass(frozen=True)
-class _View:
-    """How a tensor's memory is walked: ``ncs`` (N, C, S) or ``mc`` (M, C) row-major."""
-
-    kind: str
-    rows: int  # N (ncs) or M (mc)
-    channels: int
-    inner: int  # S (ncs) or 1 (mc)
-
-
-def _contiguous_view(shape: torch.Size) -> _View:
-    """The view of a contiguous tensor of ``shape``: ``ncs``, or ``mc`` when ``S == 1``."""
-    n, c, s = shape[0], shape[1], math.prod(shape[2:])
-    return _View("mc", n, c, 1) if s == 1 else _View("ncs", n, c, s)
-
-
-def _classify(x: torch.Tensor) -> _View | None:
-    """How ``x``'s memory is walked, or None when its strides fit neither layout."""
-    if x.is_contiguous():
-        return _contiguous_view(x.shape)
-    if x.movedim(1, -1).is_contiguous():
-        return _View("mc", x.shape[0] * math.prod(x.shape[2:]), x.shape[1], 1)
-    return None
-
-
-def _match_layout(t: torch.Tensor, x: torch.Tensor, view: _View) -> torch.Tensor:
-    """``t`` (same shape as the dense ``x``) laid out as ``view`` says, copied only if it is not."""
-    if t.stride() == x.stride():
-        return t
-    if view.kind == "ncs":
-        return t if t.is_contiguous() else t.contiguous()
-    if t.movedim(1, -1).is_contiguous():
-        return t
-    # channels_last(_3d) for 4-D/5-D, and the same idea for any rank.
-    return t.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def _tile_elems(itemsize: int, tuning: Tuning) -> int:
-    return max(16, tuning.tile_bytes // itemsize)
-
-
-@dataclass(frozen=True)
-class _ReduceConfig:
-    block_a: int  # BLOCK_C (ncs) or BLOCK_M (mc)
-    block_b: int  # BLOCK_S (ncs) or BLOCK_C (mc)
-    c_blocks: int
-    rows_per: int
-    cols_per: int
-    col_splits: int
-    tiles: int  # T, tiles per channel
-    grid: int
-    num_warps: int
-    merge_block_c: int
-    merge_block_t: int
-    merge_warps: int
-
-
-def _reduce_config(view: _View, itemsize: int, sms: int, tuning: Tuning) -> _ReduceConfig:
-    """Split every channel's values into T tiles over about ``sms * programs_per_sm`` programs.
-
-    Programs = channel blocks x T. T is capped so that the partials stay a small fraction of
-    the input; when that leaves too few programs (many channels, few values each), the channel
-    block shrinks to make more of them.
-    """
-    tile = _tile_elems(itemsize, tuning)
-    want = max(1, sms * tuning.reduce_programs_per_sm)
-    values = view.rows * view.inner  # per channel
-    t_cap = int(values * itemsize * tuning.workspace_fraction / 12)
-    t_cap = max(1, min(tuning.max_tiles, t_cap))
-    if view.kind == "ncs":
-        if view.inner % 16:  # rows not 16-aligned: scalar loads, a register each (half the tile)
-            tile = max(16, tile // 2)
-        block_s = _s_block(view.inner, tile)
-        chunks = _cdiv(view.inner, block_s)  # steps per sample
-        block_c = max(1, min(tile // block_s, _next_pow2(view.channels)))
-        while True:
-            c_blocks = _cdiv(view.channels, block_c)
-            steps = max(1, (c_blocks * view.rows * chunks) // want)
-            steps = max(steps, _cdiv(view.rows * chunks, t_cap))
-            if steps >= chunks:  # whole samples per tile
-                rows_per, cols_per = steps // chunks, view.inner
-            else:
-                rows_per, cols_per = 1, steps * block_s
-            col_splits = _cdiv(view.inner, cols_per)
-            tiles = _cdiv(view.rows, rows_per) * col_splits
-            if 2 * c_blocks * tiles >= want or block_c == 1:
-                break
-            block_c //= 2
-        block_a, block_b = block_c, block_s
-    else:
-        block_c = _c_block(view.channels)
-        while True:
-            block_m = max(1, min(tile // block_c, _next_pow2(view.rows)))
-            c_blocks = _cdiv(view.channels, block_c)
-            m_blocks = _cdiv(view.rows, block_m)
-            steps = max(1, (c_blocks * m_blocks) // want, _cdiv(m_blocks, t_cap))
-            rows_per, cols_per, col_splits = steps * block_m, 1, 1
-            tiles = _cdiv(view.rows, rows_per)
-            # Narrower than 32 channels, rows become short scattered segments.
-            if 2 * c_blocks * tiles >= want or block_c <= 32:
-                break
-            block_c //= 2
-        block_a, block_b = block_m, block_c
-    merge_block_t = min(_next_pow2(tiles), tuning.merge_step)
-    # 1024 float64 values per array per step (8 per thread: no spills), at most 64 channels per
-    # program (C / 64 programs at least).
-    merge_block_c = max(1, min(1024 // merge_block_t, 64, _next_pow2(view.channels)))
-    return _ReduceConfig(
-        block_a, block_b, c_blocks, rows_per, cols_per, col_splits, tiles,
-        grid=c_blocks * tiles, num_warps=8 if block_a * block_b >= 2048 else 4,
-        merge_block_c=merge_block_c, merge_block_t=merge_block_t,
-        merge_warps=8 if merge_block_c * merge_block_t >= 512 else 4,
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class _ElemtConfig:
-    block_a: int  # BLOCK_R (ncs) or BLOCK_M (mc)
-    block_b: int  # BLOCK_S (ncs) or BLOCK_C (mc)
-    b_blocks: int  # s_blocks (ncs) or c_blocks (mc)
-    grid: int
-    num_warps: int
-
-
-def _elemt_config(view: _View, itemsize: int, tuning: Tuning) -> _ElemtConfig:
-    """One tile of ``tile_bytes`` per program; rows of S (ncs) or of C (mc) as the inner axis."""
-    tile = _tile_elems(itemsize, tuning)
-    if view.kind == "ncs":
-        block_b = _s_block(view.inner, tile)
-        rows = view.rows * view.channels
-        b_blocks = _cdiv(view.inner, block_b)
-    else:
-        block_b = _c_block(view.channels)
-        rows = view.rows
-        b_blocks = _cdiv(view.channels, block_b)
-    block_a = max(1, min(tile // block_b, _next_pow2(rows)))
-    grid = _cdiv(rows, block_a) * b_blocks
-    # Rows of S not a multiple of 16 (49, 196) cannot be loaded as vectors, and every thread then
-    # holds values and coefficients of many rows: 8 warps halve the registers per thread (with
-    # 4 warps the compiler reports 190-255 registers and spills).
-    num_warps = 8 if view.kind == "ncs" and view.inner % 16 and block_a >= 16 else 4
-    return _ElemtConfig(block_a, block_b, b_blocks, grid, num_warps)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What an input's shape, strides, dtype and device decide: worked out once, then cached."""
-
-    view: _View
-    dense: bool  # False: the strides fit neither layout, the passes read ``x.contiguous()``
-    reduce: _ReduceConfig
-    elemt: _ElemtConfig
-    cuda: bool  # compiled kernels (not the interpreter): launches may take the fast path
-    # Compiled kernels of this plan's launches (see _launch); dies with the plan.
-    launches: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
-
-
-_plans: tuple[Tuning, dict] = (TUNING, {})
-
-
-def _plan(x: torch.Tensor) -> _Plan:
-    """``x``'s plan: one dictionary lookup per pass once a shape has been seen."""
-    global _plans
-    tuning, cache = _plans
-    if tuning is not TUNING:  # tests swap the launch rules
-        tuning, cache = _plans = TUNING, {}
-    key = (x.shape, x.stride(), x.dtype, x.device)
-    plan = cache.get(key)
-    if plan is None:
-        if len(cache) >= 4096:
-            cache.clear()
-        view = _classify(x)
-        dense = view is not None
-        if not dense:  # read as a contiguous copy: the contiguous rules apply
-            view = _contiguous_view(x.shape)
-        itemsize = x.element_size()
-        reduce = _reduce_config(view, itemsize, _sm_count(x.device), tuning)
-        elemt = _elemt_config(view, itemsize, tuning)
-        plan = cache[key] = _Plan(view, dense, reduce, elemt, x.is_cuda)
-    return plan
-
-
-def _dense(x: torch.Tensor) -> tuple[torch.Tensor, _Plan]:
-    """The tensor the kernels read (``x`` unless its strides fit no layout) and its plan."""
-    plan = _plan(x)
-    return (x, plan) if plan.dense else (x.contiguous(), plan)
-
-
-# ----------------------------------------------------------------------------------------------
 # Launchers: the backend interface (see syncbn.ops.reference for the contract of each)
 # ----------------------------------------------------------------------------------------------
 
 
-def fast_launch_enabled() -> bool:
-    """Whether ``SYNCBN_TRITON_FAST_LAUNCH=1`` asks for the fast launch path (see ``_launch``)."""
-    return settings.TRITON_FAST_LAUNCH.get()
-
-
-def _launch(plan: _Plan | None, kernel, grid: int, args: tuple, consts: dict) -> None:
-    """``kernel[(grid,)](*args, **consts)``: all runtime arguments positional, constexprs and
-    launch options (``num_warps``) as keywords.
-
-    Triton's launcher spends tens of microseconds of host time per call working out the
-    specialization of every argument and looking up the compiled kernel, which is most of the
-    layer's host time on small layers. With ``SYNCBN_TRITON_FAST_LAUNCH=1``, the compiled kernel
-    of a first, ordinary launch is kept on the plan, keyed by everything its specialization can
-    depend on besides the plan (the current device, the constexprs and options, each tensor's
-    dtype and 16-byte alignment; the plan fixes every integer argument), and later launches
-    call its launcher directly with the arguments in signature order, as Triton (3.3 and later)
-    does itself. Not used while Triton's launch hooks are set (a profiler attached: launches go
-    through Triton and its hooks), nor for the interpreter, nor for anything but a compiled
-    kernel with the expected attributes.
-    """
-    if plan is None or not plan.cuda or not fast_launch_enabled():
-        kernel[(grid,)](*args, **consts)
-        return
-    device = torch.cuda.current_device()
-    key = (
-        kernel,
-        device,
-        *consts.values(),
-        *[(a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)],
-    )
-    hit = plan.launches.get(key)
-    if hit is not None and _no_launch_hooks():
-        compiled, constexprs = hit
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        compiled.run(
-            grid, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs
-        )
-        return
-    compiled = kernel[(grid,)](*args, **consts)
-    constexprs = _constexpr_tail(kernel, args, consts)
-    if constexprs is not None and _directly_launchable(compiled):
-        plan.launches[key] = (compiled, constexprs)
-
-
-def _constexpr_tail(kernel, args: tuple, consts: dict) -> tuple | None:
-    """The values of ``kernel``'s parameters after ``args``, in signature order, or None."""
-    names = getattr(kernel, "arg_names", None)
-    if names is None or len(names) < len(args) or any(n not in consts for n in names[len(args) :]):
-        return None
-    return tuple(consts[n] for n in names[len(args) :])
-
-
-def _no_hook(hook) -> bool:
-    # None, or an empty HookChain (Triton 3.6 and 3.9, at least, keep a chain that is never None).
-    return hook is None or getattr(hook, "calls", None) == []
-
-
-def _no_launch_hooks() -> bool:
-    """True when no Triton launch hook is set (a fraction of a microsecond)."""
-    try:
-        knobs = triton.knobs.runtime
-        return _no_hook(knobs.launch_enter_hook) and _no_hook(knobs.launch_exit_hook)
-    except AttributeError:  # a Triton without knobs
-        return False
-
-
-def _triton_at_least(major: int, minor: int) -> bool:
-    try:
-        return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (major, minor)
-    except ValueError:
-        return False
-
-
-# Since Triton 3.3 a compiled kernel's launcher takes every parameter, constexprs included, in
-# signature order (checked against the 3.6 and 3.9 sources); before, only the runtime ones.
-_LAUNCHER_TAKES_ALL_PARAMS = _triton_at_least(3, 3)
-
-
-def _directly_launchable(compiled) -> bool:
-    """A compiled kernel whose launcher can be called as Triton's own launch path does."""
-    if not _LAUNCHER_TAKES_ALL_PARAMS:
-        return False
-    if not _no_launch_hooks():
-        return False
-    try:
-        if hasattr(compiled, "_init_handles"):
-            compiled._init_handles()
-        return all(getattr(compiled, a, None) is not None for a in ("run", "function", "packed_metadata"))
-    except Exception:  # noqa: BLE001 - an unexpected Triton: keep the ordinary path
-        return False
-
-
-def _reduce(x: torch.Tensor, plan: _Plan, dy: torch.Tensor | None, mean: torch.Tensor | None):
+def _reduce(x: torch.Tensor, plan: Plan, dy: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
     """Launch a reduce kernel; returns the (3 or 2, C, T) partials."""
     view, cfg = plan.view, plan.reduce
     grad = dy is not None
-    slots = 2 if grad else 3
-    part = torch.empty((slots, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
+    part = torch.empty((2 if grad else 3, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
     dy_arg = dy if grad else x
     mean_arg = mean if grad else part
+    consts = dict(**cfg.blocks, GRAD=grad, num_warps=cfg.num_warps)
     if view.kind == "ncs":
         args = (
             x, dy_arg, mean_arg, part, view.rows, view.channels, view.inner,
             cfg.rows_per, cfg.cols_per, cfg.col_splits, cfg.c_blocks, cfg.tiles,
         )  # fmt: skip
-        consts = dict(BLOCK_C=cfg.block_a, BLOCK_S=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps)
-        _launch(plan, _reduce_ncs_kernel, cfg.grid, args, consts)
+        launch(plan, _reduce_ncs_kernel, cfg.grid, args, consts)
     else:
         args = (x, dy_arg, mean_arg, part, view.rows, view.channels, cfg.rows_per, cfg.c_blocks, cfg.tiles)
-        consts = dict(BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, GRAD=grad, num_warps=cfg.num_warps)
-        _launch(plan, _reduce_mc_kernel, cfg.grid, args, consts)
+        launch(plan, _reduce_mc_kernel, cfg.grid, args, consts)
     return part
 
 
 def _merge(
     part: torch.Tensor,
     out: torch.Tensor,
-    plan: _Plan,
+    plan: Plan,
     grad: bool,
     invstd: torch.Tensor | None = None,
     grad_weight: torch.Tensor | None = None,
     grad_bias: torch.Tensor | None = None,
-):
+) -> None:
     view, cfg = plan.view, plan.reduce
     args = (
         part, out,
@@ -965,7 +592,7 @@ def _merge(
         HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
         num_warps=cfg.merge_warps,
     )  # fmt: skip
-    _launch(plan, _merge_kernel, _cdiv(view.channels, cfg.merge_block_c), args, consts)
+    launch(plan, _merge_kernel, cdiv(view.channels, cfg.merge_block_c), args, consts)
 
 
 def local_stats(x: torch.Tensor) -> torch.Tensor:
@@ -977,104 +604,93 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.zeros(2 * channels + 1, dtype=torch.float64, device=x.device)
-    x, plan = _dense(x)
+    x, plan = dense(x)
     part = _reduce(x, plan, None, None)
     packed = torch.empty(2 * channels + 1, dtype=torch.float64, device=x.device)
     _merge(part, packed, plan, grad=False)
     return packed
 
 
-def _running_args(
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
-    placeholder: torch.Tensor,
-) -> tuple[tuple, dict]:
+def forward_stats(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """``local_stats`` and the (here: no) scratch that ``normalize`` may reuse."""
+    return local_stats(x), None
+
+
+def _running_args(running: RunningStats | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
     """Kernel arguments (pointers, momentum) and flags of the running-statistics update."""
+    mean = None if running is None else running.mean
+    var = None if running is None else running.var
+    momentum = 0.0 if running is None else running.momentum
     momentum_tensor = isinstance(momentum, torch.Tensor)
     args = (
-        running_mean if running_mean is not None else placeholder,
-        running_var if running_var is not None else placeholder,
+        mean if mean is not None else placeholder,
+        var if var is not None else placeholder,
         momentum if momentum_tensor else placeholder,
         0.0 if momentum_tensor else float(momentum),
-    )  # fmt: skip
-    flags = dict(
-        HAS_RUNNING_MEAN=running_mean is not None, HAS_RUNNING_VAR=running_var is not None,
-        MOMENTUM_TENSOR=momentum_tensor,
-    )  # fmt: skip
+    )
+    flags = dict(HAS_RUNNING_MEAN=mean is not None, HAS_RUNNING_VAR=var is not None, MOMENTUM_TENSOR=momentum_tensor)
     return args, flags
 
 
 def finalize(
-    stats: torch.Tensor,
-    eps: float,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
-    dtype: torch.dtype,
+    stats: torch.Tensor, eps: float, running: RunningStats | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (mean, invstd) in ``dtype``; running buffers updated in place, all in one launch."""
     channels = (stats.numel() - 1) // 2
     out = torch.empty((2, channels), dtype=dtype, device=stats.device)
     mean, invstd = out[0], out[1]
-    running, flags = _running_args(running_mean, running_var, momentum, mean)
-    block = min(1024, _next_pow2(max(channels, 1)))
-    _finalize_kernel[(_cdiv(channels, block),)](
-        stats, mean, invstd, *running, float(eps), channels, BLOCK=block, num_warps=4, **flags
+    running_args, flags = _running_args(running, mean)
+    block = min(1024, next_pow2(max(channels, 1)))
+    _finalize_kernel[(cdiv(channels, block),)](
+        stats, mean, invstd, *running_args, float(eps), channels, BLOCK=block, num_warps=4, **flags
     )
     return mean, invstd
 
 
 def _elemt(
     x: torch.Tensor,
-    dy: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    sums: torch.Tensor | None = None,
-    count: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     stats: torch.Tensor | None = None,
-    running_mean: torch.Tensor | None = None,
-    running_var: torch.Tensor | None = None,
-    momentum: float | torch.Tensor = 0.0,
+    running: RunningStats | None = None,
     eps: float = 0.0,
 ) -> torch.Tensor:
-    """One elementwise pass: normalize (``dy`` None) or the input gradient.
+    """One elementwise pass: normalize, or the input gradient when ``grad = (dy, sums, count)``.
 
     With ``stats`` (forward only), mean and invstd are outputs: the kernel finalizes them from
-    the all-reduced statistics and updates the running buffers on the way.
+    the all-reduced statistics and updates ``running`` on the way.
     """
-    x, plan = _dense(x)
+    x, plan = dense(x)
     view, cfg = plan.view, plan.elemt
-    backward = dy is not None
+    backward = grad is not None
     if backward:
-        dy = _match_layout(dy, x, view)
+        dy, sums, count = grad
+        dy = match_layout(dy, x, view)
+    else:
+        dy, sums, count = x, mean, mean
     out = torch.empty_like(x)  # x is dense here: same strides, same view
     from_stats = stats is not None
-    running, running_flags = _running_args(running_mean, running_var, momentum, mean)
+    running_args, running_flags = _running_args(running, mean)
     args = (
-        x, dy if backward else x, out, mean, invstd,
+        x, dy, out, mean, invstd,
         weight if weight is not None else mean, bias if bias is not None else mean,
-        sums if backward else mean, count if backward else mean,
-        stats if from_stats else mean, *running, float(eps),
+        sums, count, stats if from_stats else mean, *running_args, float(eps),
     )  # fmt: skip
     flags = dict(
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not backward,
+        **cfg.blocks, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not backward,
         BACKWARD=backward, FROM_STATS=from_stats, num_warps=cfg.num_warps, **running_flags,
     )  # fmt: skip
     if view.kind == "ncs":
-        args += (view.rows * view.channels, view.channels, view.inner, cfg.b_blocks)
-        _launch(plan, _elemt_ncs_kernel, cfg.grid, args, dict(BLOCK_R=cfg.block_a, BLOCK_S=cfg.block_b, **flags))
+        args += (view.rows * view.channels, view.channels, view.inner, cfg.inner_blocks)
+        launch(plan, _elemt_ncs_kernel, cfg.grid, args, flags)
     else:
-        args += (view.rows, view.channels, cfg.b_blocks)
-        _launch(plan, _elemt_mc_kernel, cfg.grid, args, dict(BLOCK_M=cfg.block_a, BLOCK_C=cfg.block_b, **flags))
+        args += (view.rows, view.channels, cfg.inner_blocks)
+        launch(plan, _elemt_mc_kernel, cfg.grid, args, flags)
     return out
-
-
-def forward_stats(x: torch.Tensor) -> tuple[torch.Tensor, None]:
-    """``local_stats`` and the (here: no) scratch that ``normalize`` may reuse."""
-    return local_stats(x), None
 
 
 def normalize(
@@ -1088,18 +704,17 @@ def normalize(
     """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _elemt(x, None, mean, invstd, weight, bias)
+    return _elemt(x, mean, invstd, weight, bias=bias)
 
 
 def finalize_normalize(
     x: torch.Tensor,
     stats: torch.Tensor,
+    *,
     eps: float,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    momentum: float | torch.Tensor,
+    running: RunningStats | None,
     scratch: None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finalize`` then ``normalize`` in one launch: ``(output, mean, invstd)``.
@@ -1109,20 +724,17 @@ def finalize_normalize(
     statistics. A rank with an empty batch (the others had values) only finalizes.
     """
     if x.numel() == 0:
-        mean, invstd = finalize(stats, eps, running_mean, running_var, momentum, torch.float32)
+        mean, invstd = finalize(stats, eps, running, torch.float32)
         return torch.empty_like(x), mean, invstd
     mean_invstd = torch.empty((2, x.shape[1]), dtype=torch.float32, device=x.device)
     mean, invstd = mean_invstd[0], mean_invstd[1]
-    out = _elemt(
-        x, None, mean, invstd, weight, bias, stats=stats, running_mean=running_mean,
-        running_var=running_var, momentum=momentum, eps=eps,
-    )  # fmt: skip
+    out = _elemt(x, mean, invstd, weight, bias=bias, stats=stats, running=running, eps=eps)
     return out, mean, invstd
 
 
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Local ``[sum(dy), sum(dy * (x - mean))]`` per channel, 2C values of mean's dtype."""
-    return backward_reduce_affine(grad_out, x, mean, None, None, None)[0]
+    return backward_reduce_affine(grad_out, x, mean, None, weight_dtype=None, bias_dtype=None)[0]
 
 
 def backward_reduce_affine(
@@ -1130,6 +742,7 @@ def backward_reduce_affine(
     x: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor | None,
+    *,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -1146,8 +759,8 @@ def backward_reduce_affine(
             if g is not None:
                 g.zero_()
         return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device), grad_weight, grad_bias
-    x, plan = _dense(x)
-    dy = _match_layout(grad_out, x, plan.view)
+    x, plan = dense(x)
+    dy = match_layout(grad_out, x, plan.view)
     part = _reduce(x, plan, dy, mean)
     sums = torch.empty(2 * channels, dtype=mean.dtype, device=x.device)
     _merge(part, sums, plan, True, invstd, grad_weight, grad_bias)
@@ -1169,4 +782,4 @@ def backward_elemt(
     """
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _elemt(x, grad_out, mean, invstd, weight, None, sums, count)
+    return _elemt(x, mean, invstd, weight, grad=(grad_out, sums, count))

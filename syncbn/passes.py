@@ -1,0 +1,198 @@
+"""The two passes of synchronized batch norm, and the rules around them.
+
+    forward   local (sum, sum of squares, count) -> all_reduce -> global mean, invstd; running
+              statistics updated on the device -> y = (x - mean) * invstd * weight + bias
+    backward  local (sum_dy, sum_dy_xmu) -> all_reduce -> dx from the global sums; weight and
+              bias gradients stay local (DDP averages them like any other gradient)
+
+Both wrappers of the passes import them from here: the autograd Function of
+``syncbn.functional`` (eager mode) and the custom ops of ``syncbn.custom_ops`` (under
+``torch.compile``). So do the rules every caller must apply the same way:
+
+- ``count_batch``: nn.BatchNorm's bookkeeping of one training batch (``num_batches_tracked``,
+  the cumulative average of ``momentum=None``), skipped for a forward recomputed in backward;
+- ``in_backward_pass``: how a recomputed forward (activation checkpointing) is recognised.
+
+The only host read-back is the global-count rule, and only on a rank whose own count is 0 or 1:
+any other rank knows the global count is at least 2 without asking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import distributed
+from .ops import backend_for
+
+
+@dataclass(frozen=True, slots=True)
+class RunningStats:
+    """The running statistics one training batch updates, and the weight of its statistics.
+
+    ``momentum`` is a float, or a 0-d device tensor (the cumulative average of
+    ``momentum=None``, ``1 / num_batches_tracked``, never read back to the host).
+    """
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    momentum: float | torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """How one layer call communicates: over which group, whether at all, and under what name.
+
+    ``layer`` (the module, or its name) only names the layer in debug checks and error messages.
+    """
+
+    eps: float
+    process_group: dist.ProcessGroup | None
+    sync: bool
+    layer: torch.nn.Module | str | None = None
+
+    @property
+    def name(self) -> str:
+        layer = self.layer
+        return layer if isinstance(layer, str) else distributed.layer_name(layer)
+
+
+_current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward_pass() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    A training-mode forward called then is a recomputation: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) reruns the forward inside backward to rebuild
+    what it did not save. The recomputed forward still makes its all-reduce (every rank
+    recomputes, and the statistics must be rebuilt), but it must not count the batch or update
+    the running statistics a second time. One call into the engine's thread-local state.
+    """
+    return _current_graph_task_id is not None and _current_graph_task_id() != -1
+
+
+MOMENTUM_NONE_MESSAGE = (
+    "syncbn: momentum must be a float or a 0-d tensor; for a cumulative average pass "
+    "1 / num_batches_tracked (SyncBatchNorm(momentum=None) does this)"
+)
+
+
+def count_batch(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float | torch.Tensor | None,
+    recomputed: bool,
+) -> RunningStats | None:
+    """nn.BatchNorm's bookkeeping for one training batch: what the batch updates, or None.
+
+    Counts the batch in ``num_batches_tracked`` (in place, when given) and turns
+    ``momentum=None`` into the cumulative-average weight ``1 / num_batches_tracked``, kept on
+    the device instead of read back as nn.BatchNorm does. A recomputed forward counts nothing
+    and updates nothing. Without a counter, ``momentum`` must be a float or a tensor.
+    """
+    if momentum is None and num_batches_tracked is None:
+        raise TypeError(MOMENTUM_NONE_MESSAGE)
+    if recomputed:
+        return None
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = num_batches_tracked.double().reciprocal()
+    if running_mean is None and running_var is None:
+        return None
+    return RunningStats(running_mean, running_var, momentum)
+
+
+def forward_pass(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: RunningStats | None,
+    call: Call,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The training-mode forward: ``(output, mean, invstd, count)``.
+
+    ``mean`` and friends are None when there is nothing to normalize (no channels, or an empty
+    batch across the group): the output is then empty and there is no backward.
+    """
+    channels = input.shape[1]
+    if channels == 0:
+        # No statistics to share: every rank of the group has the same C (a layer property).
+        return torch.empty_like(input), None, None, None
+    if call.sync and distributed.debug_enabled():
+        distributed.check_consistency("forward", call.process_group, channels, input.dtype, call.name, input.device)
+    ops = backend_for(input)
+    local_count = input.numel() // channels
+
+    stats, scratch = ops.forward_stats(input)  # float64 [sum, sum of squares, count]
+    if call.sync:
+        _all_reduce(stats, call, "forward all-reduce", channels)
+    if local_count <= 1:
+        # Only here may the global count be below 2; every rank with a count <= 1 reads it,
+        # so all ranks of a group with a global count of 0 or 1 take the same branch.
+        global_count = int(stats[-1].item())
+        if global_count == 1:
+            where = "across the process group" if call.sync else "in the batch"
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
+                f"(this rank's input size: {tuple(input.shape)})"
+            )
+        if global_count == 0:
+            return torch.empty_like(input), None, None, None
+
+    output, mean, invstd = ops.finalize_normalize(
+        input, stats, eps=call.eps, weight=weight, bias=bias, running=running, scratch=scratch
+    )
+    return output, mean, invstd, stats[-1]
+
+
+def backward_pass(
+    grad_output: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    count: torch.Tensor,
+    call: Call,
+    needs_grad: tuple[bool, bool, bool],
+    bias_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_input, grad_weight, grad_bias)``, None where ``needs_grad`` says not needed.
+
+    The all-reduce happens only when the input gradient is needed (weight and bias gradients
+    are local): every rank of the group must agree on that, as on everything else.
+    """
+    need_input, need_weight, need_bias = needs_grad
+    channels = input.shape[1]
+    if call.sync and distributed.debug_enabled():
+        distributed.check_consistency(
+            "backward", call.process_group, channels, input.dtype, call.name, input.device, input_grad=need_input
+        )
+    ops = backend_for(input)
+    # [sum_dy, sum_dy_xmu], local, and the weight and bias gradients (never views of sums,
+    # which the all-reduce below changes in place)
+    sums, grad_weight, grad_bias = ops.backward_reduce_affine(
+        grad_output,
+        input,
+        mean,
+        invstd,
+        weight_dtype=weight.dtype if need_weight else None,
+        bias_dtype=bias_dtype if need_bias else None,
+    )
+    grad_input = None
+    if need_input:
+        if call.sync:
+            _all_reduce(sums, call, "backward all-reduce", channels)
+        grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, sums, count)
+    return grad_input, grad_weight, grad_bias
+
+
+def _all_reduce(buffer: torch.Tensor, call: Call, what: str, channels: int) -> None:
+    try:
+        distributed.all_reduce_sum(buffer, call.process_group)
+    except RuntimeError as err:
+        raise distributed.collective_error(err, what, call.process_group, call.name, channels) from err
