@@ -1,17 +1,16 @@
 """syncbn: synchronized batch normalization for PyTorch.
 
 Exactly the statistics of one big batch over all ranks, one small collective per pass, Triton
-kernels on GPU and a torch-ops path on CPU (gloo).
+kernels on GPU and a torch-ops path on CPU (gloo). Public names only; see docs/api.md.
 """
 
 from __future__ import annotations
 
-from . import functional
-
-# Model tools (issue 4): conversion, freezing, sub-groups.
+from . import functional, settings
 from .convert import (
     convert_sync_batchnorm,
     freeze_batchnorm,
+    is_frozen,
     revert_sync_batchnorm,
     unfreeze_batchnorm,
 )
@@ -20,11 +19,15 @@ from .nn import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["SyncBatchNorm", "functional", "__version__"]
-__all__ += [
+__all__ = [
+    "SyncBatchNorm",
     "convert_sync_batchnorm",
-    "revert_sync_batchnorm",
-    "freeze_batchnorm",
-    "unfreeze_batchnorm",
     "create_syncbn_process_group",
+    "freeze_batchnorm",
+    "functional",
+    "is_frozen",
+    "revert_sync_batchnorm",
+    "settings",
+    "unfreeze_batchnorm",
+    "__version__",
 ]

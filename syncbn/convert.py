@@ -40,8 +40,8 @@ __all__ = [
 
 # nn.BatchNorm{1,2,3}d <-> the dimensionality syncbn.SyncBatchNorm.batchnorm_dim records.
 _BATCHNORM_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-# Input rank last seen in forward -> the nn.BatchNormNd that accepts it.
-_INPUT_DIM_TO_BATCHNORM_DIM = {2: 1, 3: 1, 4: 2, 5: 3}
+#: Input rank -> the single-process nn.BatchNormNd that accepts it.
+BATCHNORM_BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 # The forwards conversion can replace without losing behaviour.
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, SyncBatchNorm.forward)
 # Instance attributes that belong to one layer class or one object and are not carried over:
@@ -241,7 +241,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     unknown = [
         _describe(path, layer)
         for path, layer in module.named_modules()
-        if _convertible_to_batchnorm(layer) and _revert_dim(layer) is None
+        if _convertible_to_batchnorm(layer) and _revert_class(layer) is None
     ]
     if unknown:
         raise ValueError(
@@ -320,12 +320,12 @@ def _batchnorm_dim(layer: nn.Module) -> int | None:
     return None
 
 
-def _revert_dim(layer: SyncBatchNorm) -> int | None:
+def _revert_class(layer: SyncBatchNorm) -> type[_BatchNorm] | None:
     if layer.batchnorm_dim is not None:
         if layer.batchnorm_dim not in _BATCHNORM_CLASSES:
             raise ValueError(f"batchnorm_dim must be 1, 2 or 3, got {layer.batchnorm_dim!r}")
-        return layer.batchnorm_dim
-    return _INPUT_DIM_TO_BATCHNORM_DIM.get(layer._input_dim)
+        return _BATCHNORM_CLASSES[layer.batchnorm_dim]
+    return BATCHNORM_BY_INPUT_DIM.get(layer._input_dim)
 
 
 def _to_syncbn(layer: _BatchNorm, process_group) -> SyncBatchNorm:
@@ -345,7 +345,7 @@ def _to_syncbn(layer: _BatchNorm, process_group) -> SyncBatchNorm:
 
 
 def _to_batchnorm(layer: SyncBatchNorm) -> _BatchNorm:
-    cls = _BATCHNORM_CLASSES[_revert_dim(layer)]
+    cls = _revert_class(layer)
     new = cls(
         layer.num_features,
         layer.eps,

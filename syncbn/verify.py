@@ -4,15 +4,17 @@
     syncbn verify --nproc 8 --backend nccl
     torchrun --nnodes 2 --nproc-per-node 8 ... -m syncbn verify     # join an existing world
 
-The oracle (DESIGN.md section 3) is single-process ``nn.BatchNorm{1,2,3}d`` in float64 on the
-concatenation of every rank's batch. Every rank generates the same seeded global batch, runs the
+The oracle is single-process ``nn.BatchNorm{1,2,3}d`` in float64 on the concatenation of every
+rank's batch. Every rank generates the same seeded global batch, runs the
 oracle on all of it by itself, feeds its own rows to ``syncbn.SyncBatchNorm`` and compares its
 own rows of the output and input gradient, the running statistics and, summed over ranks with
 one all-reduce, the weight and bias gradients. The worst error of each check is reduced over
 the world (MAX), so every rank ends with the same verdict and rank 0 prints it.
 
 This module is part of the package, not of ``tests/``, because users run ``syncbn verify`` on a
-new cluster from an installed copy; ``tests/oracle.py`` builds on the same ``Oracle``.
+new cluster from an installed copy. The test suite builds on the same pieces: ``Oracle``, the
+data maker (``random_steps``, ``random_params``) and the tolerances (``TOLERANCES``,
+``PARAM_TOLERANCES``).
 
 Launching: without ``RANK``/``WORLD_SIZE`` in the environment, ``run_local`` starts ``nproc``
 processes itself (spawn), hosts their rendezvous on a free port, and watches them with a
@@ -34,12 +36,21 @@ from multiprocessing.connection import wait
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-__all__ = ["BATCHNORM_BY_NDIM", "Oracle", "CHECKS", "run_checks", "run_local", "run_in_world"]
+from .convert import BATCHNORM_BY_INPUT_DIM
+from .dtypes import stat_dtype
 
-#: Input rank -> the single-process BatchNorm class that accepts it.
-BATCHNORM_BY_NDIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+__all__ = [
+    "Oracle",
+    "TOLERANCES",
+    "PARAM_TOLERANCES",
+    "random_params",
+    "random_steps",
+    "CHECKS",
+    "run_checks",
+    "run_local",
+    "run_in_world",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +81,7 @@ class Oracle:
         dtype: torch.dtype = torch.float64,
     ) -> None:
         self.dtype = dtype
-        self.layer = BATCHNORM_BY_NDIM[ndim](channels, eps, momentum, affine, track_running_stats, dtype=dtype)
+        self.layer = BATCHNORM_BY_INPUT_DIM[ndim](channels, eps, momentum, affine, track_running_stats, dtype=dtype)
         self.affine, self.track_running_stats = affine, track_running_stats
         with torch.no_grad():
             if weight is not None:
@@ -105,6 +116,58 @@ class Oracle:
     def eval(self, x: torch.Tensor) -> torch.Tensor:
         self.layer.eval()
         return self.layer(x.detach().cpu().to(self.dtype))
+
+
+# (atol, rtol) against the float64 oracle on the same (rounded) inputs, per input dtype: outputs
+# and input gradients.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),  # float64 throughout; sums over at most a few thousand values
+    torch.float32: (5e-5, 5e-5),  # float32 reductions and elementwise math: a few ulps of values of order 10
+    torch.bfloat16: (2e-2, 1.6e-2),  # rounded to bfloat16 once (8 significant bits): 2 ulps
+    torch.float16: (4e-3, 2e-3),  # the same for float16 (11 significant bits)
+}
+# Weight/bias gradients and running statistics: float32 sums (float64 for float64 input) over
+# every sample; for half-precision input they are sums of exact inputs, so float32 tolerance.
+PARAM_TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (1e-3, 1e-4),
+    torch.float16: (1e-3, 1e-4),
+}
+
+
+def random_params(channels: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine parameters away from the identity (float64): weights in [0.5, 1.5), any bias."""
+    weight = torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64)
+    return weight, bias
+
+
+def random_steps(
+    sizes: Sequence[Sequence[int]],
+    channels: int,
+    spatial: tuple[int, ...],
+    dtype: torch.dtype,
+    gen: torch.Generator,
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``steps[i][r] = (x, grad_y)``: rank r's batch of ``sizes[i][r]`` samples at step i.
+
+    Each channel has its own mean (std 3) and spread (0.5 to 1.5) at each step, so that a
+    wrong statistic cannot hide behind a standard normal; values are rounded to ``dtype``.
+    """
+    view = (1, channels) + (1,) * len(spatial)
+    steps = []
+    for step_sizes in sizes:
+        shift = torch.randn(channels, generator=gen, dtype=torch.float64).mul_(3).view(view)
+        scale = torch.rand(channels, generator=gen, dtype=torch.float64).add_(0.5).view(view)
+        step = []
+        for n in step_sizes:
+            shape = (n, channels, *spatial)
+            x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
+            g = torch.randn(shape, generator=gen, dtype=torch.float64)
+            step.append((x.to(dtype), g.to(dtype)))
+        steps.append(step)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,21 +224,6 @@ CHECKS: list[Check] = [
     Check("4-D bfloat16", 8, (5, 6), sizes=_one_empty, dtype=torch.bfloat16),
 ]
 
-# (atol, rtol) against the float64 oracle on the same (rounded) inputs, per input dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),  # float64 throughout; sums over a few hundred values
-    torch.float32: (5e-5, 5e-5),  # float32 reductions and elementwise math on values of order 10
-    torch.bfloat16: (2e-2, 1.6e-2),  # outputs rounded to bfloat16 once (8 significant bits)
-    torch.float16: (4e-3, 2e-3),  # the same for float16 (11 significant bits)
-}
-# Weight/bias gradients and running statistics are float32 sums (float64 for float64 input).
-PARAM_TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (1e-3, 1e-4),
-    torch.float16: (1e-3, 1e-4),
-}
-
 
 @dataclasses.dataclass
 class Result:
@@ -191,22 +239,11 @@ class Result:
 
 
 def _make_data(check: Check, world: int, seed: int):
-    """Global batches of every step (rounded to the check's dtype), affine parameters."""
+    """Every step's per-rank batches (in the check's dtype) and the affine parameters."""
     gen = torch.Generator().manual_seed(seed)
-    c = check.channels
-    view = (1, c) + (1,) * len(check.spatial)
-    weight = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
-    bias = torch.randn(c, generator=gen, dtype=torch.float64)
-    steps = []
-    for step in range(STEPS):
-        sizes = check.sizes(world, step)
-        shape = (sum(sizes), c, *check.spatial)
-        shift = torch.randn(c, generator=gen, dtype=torch.float64).mul_(3).view(view)
-        scale = torch.rand(c, generator=gen, dtype=torch.float64).add_(0.5).view(view)
-        x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift).to(check.dtype)
-        g = torch.randn(shape, generator=gen, dtype=torch.float64).to(check.dtype)
-        steps.append((sizes, x, g))
-    return steps, weight, bias
+    weight, bias = random_params(check.channels, gen)
+    sizes = [check.sizes(world, step) for step in range(STEPS)]
+    return random_steps(sizes, check.channels, check.spatial, check.dtype, gen), weight, bias
 
 
 def _ratio(got: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float]) -> tuple[float, float]:
@@ -218,18 +255,13 @@ def _ratio(got: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float]) 
     return err.max().item(), (err / (atol + rtol * expected.abs())).max().item()
 
 
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision input runs with float32 parameters, as under autocast.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _run_check(check: Check, group, rank: int, world: int, device: torch.device, layer_cls) -> tuple[float, float]:
     """This rank's (max abs error, worst error over tolerance) for one check."""
     # The same seed on every rank (not hash(): string hashes differ between processes).
     steps, weight, bias = _make_data(check, world, seed=zlib.crc32(check.name.encode()))
     oracle = Oracle(check.ndim, check.channels, momentum=check.momentum, weight=weight, bias=bias)
     layer = layer_cls(check.channels, momentum=check.momentum, process_group=group)
-    layer = layer.to(device=device, dtype=_param_dtype(check.dtype))
+    layer = layer.to(device=device, dtype=stat_dtype(check.dtype))  # float32 with half input, as under autocast
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
@@ -239,8 +271,8 @@ def _run_check(check: Check, group, rank: int, world: int, device: torch.device,
     def record(pair: tuple[float, float]) -> None:
         worst[0], worst[1] = max(worst[0], pair[0]), max(worst[1], pair[1])
 
-    for sizes, x_all, g_all in steps:
-        xs, gs = list(x_all.split(sizes)), list(g_all.split(sizes))
+    for step in steps:
+        xs, gs = [x for x, _ in step], [g for _, g in step]
         expected = oracle.step(xs, gs)
         x = xs[rank].to(device).contiguous(memory_format=check.memory_format).requires_grad_()
         g = gs[rank].to(device).contiguous(memory_format=check.memory_format)
@@ -268,7 +300,7 @@ def _run_check(check: Check, group, rank: int, world: int, device: torch.device,
         layer.zero_grad()
 
     # Eval mode: running statistics, no communication; every rank probes with the same batch.
-    probe = steps[0][1][:3]
+    probe = torch.cat([x for x, _ in steps[0]])[:3]
     layer.eval()
     with torch.no_grad():
         y_eval = layer(probe.to(device).contiguous(memory_format=check.memory_format))

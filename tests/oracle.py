@@ -1,6 +1,6 @@
 """The oracle every synced result is checked against, and the data it runs on.
 
-The contract (DESIGN.md section 3): in training mode, rank r's output and input gradient are
+The contract: in training mode, rank r's output and input gradient are
 rows of single-process ``nn.BatchNorm{1,2,3}d`` applied to the concatenation of all ranks'
 inputs, for a loss that is the sum of the ranks' losses; weight and bias gradients summed over
 ranks and the running statistics are those of that same global layer. The oracle runs in
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from syncbn.verify import Oracle
+from syncbn.dtypes import stat_dtype
+from syncbn.verify import Oracle, random_params, random_steps
 
 MEMORY_FORMATS = {
     None: torch.contiguous_format,
@@ -52,8 +53,7 @@ class LayerConfig:
 
     @property
     def param_dtype(self) -> torch.dtype:
-        # half-precision input runs with float32 parameters, as under autocast
-        return torch.float64 if self.dtype == "float64" else torch.float32
+        return stat_dtype(self.torch_dtype)  # float32 with half-precision input, as under autocast
 
     @property
     def ndim(self) -> int:
@@ -62,29 +62,12 @@ class LayerConfig:
 
 def make_params(cfg: LayerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-trivial affine parameters (float64), the same on every rank."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1000)
-    weight = torch.rand(cfg.channels, generator=gen, dtype=torch.float64) + 0.5
-    bias = torch.randn(cfg.channels, generator=gen, dtype=torch.float64)
-    return weight, bias
+    return random_params(cfg.channels, torch.Generator().manual_seed(cfg.seed + 1000))
 
 
 def make_data(cfg: LayerConfig) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """``data[step][rank] = (x, grad_y)`` in the config's dtype, channels with distinct means."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    c = cfg.channels
-    view = (1, c) + (1,) * len(cfg.spatial)
-    data = []
-    for step_sizes in cfg.sizes:
-        shift = torch.randn(c, generator=gen, dtype=torch.float64).mul_(3).view(view)
-        scale = torch.rand(c, generator=gen, dtype=torch.float64).add_(0.5).view(view)
-        step = []
-        for n in step_sizes:
-            shape = (n, c, *cfg.spatial)
-            x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift
-            g = torch.randn(shape, generator=gen, dtype=torch.float64)
-            step.append((x.to(cfg.torch_dtype), g.to(cfg.torch_dtype)))
-        data.append(step)
-    return data
+    return random_steps(cfg.sizes, cfg.channels, cfg.spatial, cfg.torch_dtype, torch.Generator().manual_seed(cfg.seed))
 
 
 def make_eval_data(cfg: LayerConfig, world: int) -> list[torch.Tensor]:
@@ -114,11 +97,11 @@ def run_oracle(cfg: LayerConfig, data, eval_data, dtype: torch.dtype = torch.flo
 def layer_pair(shape: tuple[int, ...], momentum: float | None, device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A ``syncbn.SyncBatchNorm`` and the ``nn.BatchNorm{1,2,3}d`` for ``shape``, same parameters."""
     import syncbn
-    from syncbn.verify import BATCHNORM_BY_NDIM
+    from syncbn.convert import BATCHNORM_BY_INPUT_DIM
 
     channels = shape[1]
     ours = syncbn.SyncBatchNorm(channels, momentum=momentum).to(device)
-    theirs = BATCHNORM_BY_NDIM[len(shape)](channels, momentum=momentum).to(device)
+    theirs = BATCHNORM_BY_INPUT_DIM[len(shape)](channels, momentum=momentum).to(device)
     with torch.no_grad():
         for m in (ours, theirs):
             m.weight.copy_(torch.linspace(0.5, 1.5, channels))

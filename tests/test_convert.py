@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import syncbn
-from syncbn.convert import is_frozen
+from syncbn import is_frozen
 
 BN_STATE_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 

@@ -388,7 +388,7 @@ def test_eval_and_reference_backend_still_work(monkeypatch):
     layer(x).sum().backward()
 
 
-# --- reliability (issue 6): torch.compile, checkpointing, debug mode, edge inputs on the GPU ---
+# --- reliability: torch.compile, checkpointing, debug mode, edge inputs on the GPU ---
 #
 # The CPU suite checks all of this on gloo with the torch path and (interpreted) Triton kernels;
 # here the compiled Triton kernels and NCCL take part: inductor's code around the custom ops,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import syncbn
-from syncbn.convert import is_frozen
+from syncbn import is_frozen
 
 # float32, inputs of unit scale, a few hundred values per channel: the synced result differs
 # from the single-process reference only by summation order.

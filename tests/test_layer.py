@@ -17,29 +17,10 @@ import torch
 
 import syncbn
 from syncbn import settings
+from syncbn.verify import PARAM_TOLERANCES, TOLERANCES
 from tests.oracle import MEMORY_FORMATS, LayerConfig, make_data, make_eval_data, make_params, run_oracle
 
 DEVICE = settings.TEST_DEVICE.get()
-
-# (atol, rtol) per input dtype, against the float64 oracle on the same inputs.
-TOLERANCES = {
-    # float64 arithmetic throughout; sums over at most a few thousand values.
-    "float64": (1e-10, 1e-10),
-    # float32 reductions and elementwise math: a few ulps of values of order 10.
-    "float32": (5e-5, 5e-5),
-    # outputs and input gradients are rounded to bfloat16 once (8 significant bits); 2 ulps.
-    "bfloat16": (2e-2, 1.6e-2),
-    # the same for float16 (11 significant bits); 2 ulps.
-    "float16": (4e-3, 2e-3),
-}
-# weight/bias gradients and running statistics are float32 (or float64) sums over every
-# sample; for half-precision inputs they are exact-input float32 sums, so float32 tolerance.
-PARAM_TOLERANCE = {
-    "float64": (1e-10, 1e-10),
-    "float32": (1e-4, 1e-4),
-    "bfloat16": (1e-3, 1e-4),
-    "float16": (1e-3, 1e-4),
-}
 
 
 def _setup_device(cfg: LayerConfig) -> torch.device:
@@ -105,8 +86,8 @@ def run_and_check(pool, group: str, cfg: LayerConfig) -> None:
     results = pool.run(_case_train, group=group, args=(cfg,), per_rank_args=per_rank)
     assert len(results) == world
 
-    atol, rtol = TOLERANCES[cfg.dtype]
-    patol, prtol = PARAM_TOLERANCE[cfg.dtype]
+    atol, rtol = TOLERANCES[cfg.torch_dtype]
+    patol, prtol = PARAM_TOLERANCES[cfg.torch_dtype]
     for i, exp in enumerate(expected["steps"]):
         for r, res in enumerate(results):
             got = res["steps"][i]

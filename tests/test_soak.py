@@ -34,8 +34,9 @@ import torch
 
 import syncbn
 from syncbn import settings
+from syncbn.verify import PARAM_TOLERANCES, TOLERANCES
 from tests.oracle import LayerConfig, make_data, make_eval_data, make_params, run_oracle
-from tests.test_layer import PARAM_TOLERANCE, TOLERANCES, _case_train
+from tests.test_layer import _case_train
 
 pytestmark = pytest.mark.soak
 
@@ -154,8 +155,8 @@ def _conditioning(cfg: LayerConfig, step: list, weight: torch.Tensor | None) -> 
 def _compare(cfg: LayerConfig, data: list, expected: dict, results: list) -> list[str]:
     """Mismatches between the ranks' results and the oracle, as short messages."""
     problems = []
-    atol, rtol = TOLERANCES[cfg.dtype]
-    patol, prtol = PARAM_TOLERANCE[cfg.dtype]
+    atol, rtol = TOLERANCES[cfg.torch_dtype]
+    patol, prtol = PARAM_TOLERANCES[cfg.torch_dtype]
     weight = make_params(cfg)[0] if cfg.affine else None
 
     def close(got, want, a, r, what, extra=None):
