@@ -96,3 +96,35 @@ def test_accelerate_launch_two_cpu_processes():
     assert result.returncode == 0, result.stdout
     assert "2 process(es) on cpu (MULTI_CPU), bn sync" in result.stdout
     assert re.search(r"epoch 1: step 4, train loss [\d.]+, val acc [\d.]+% \(\d+/64\)", result.stdout), result.stdout
+
+
+def _assert_usage_error(result, option: str) -> None:
+    """argparse's rejection: exit code 2, its usage, then one error line naming ``option``."""
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith(f"train.py: error: argument {option}: "), result.stdout
+    assert all(line.startswith(("usage: ", " ")) for line in lines[:-1]), result.stdout
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--lr", "-0.1"),
+        ("--weight-decay", "-0.001"),  # not -1e-4: argparse reads that as an option
+        ("--width", "0"),
+        ("--train-size", "0"),
+    ],
+)
+def test_train_rejects_bad_values(option, value):
+    result = procs.python(str(procs.ROOT / "launch" / "train.py"), option, value, timeout=60)
+    _assert_usage_error(result, option)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: --backend nccl is valid here")
+def test_train_rejects_nccl_without_cuda():
+    result = procs.python(str(procs.ROOT / "launch" / "train.py"), "--backend", "nccl", timeout=60)
+    _assert_usage_error(result, "--backend")
+    assert "no CUDA device" in result.stdout
