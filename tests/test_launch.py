@@ -128,3 +128,31 @@ def test_train_rejects_nccl_without_cuda():
     result = procs.python(str(procs.ROOT / "launch" / "train.py"), "--backend", "nccl", timeout=60)
     _assert_usage_error(result, "--backend")
     assert "no CUDA device" in result.stdout
+
+
+def test_run_cpu_rejects_bad_value_before_torchrun():
+    """One error line from one process: no line per rank, no report of failed torchrun workers."""
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_cpu.sh"), "--epochs", "0"], timeout=60)
+    _assert_usage_error(result, "--epochs")
+    assert result.stdout.count("error:") == 1, result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: run_gpu.sh would start training")
+def test_run_gpu_without_cuda_points_to_run_cpu():
+    """NGPU=2 on a machine without CUDA: the script's own message, not a traceback from every rank."""
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_gpu.sh")], env={"NGPU": "2"}, timeout=60)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    assert result.stdout.strip().splitlines() == [
+        "run_gpu.sh: torch sees no CUDA device on this machine; on CPU, run bash launch/run_cpu.sh "
+        "(it takes the same options)"
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: without it run_gpu.sh stops before NGPU")
+def test_run_gpu_rejects_more_gpus_than_visible():
+    visible = torch.cuda.device_count()
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_gpu.sh")], env={"NGPU": str(visible + 1)}, timeout=60)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    assert f"NGPU={visible + 1}, but this node has {visible} visible GPU(s)" in result.stdout
