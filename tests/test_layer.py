@@ -20,6 +20,8 @@ from syncbn import settings
 from tests.oracle import MEMORY_FORMATS, LayerConfig, make_data, make_eval_data, make_params, run_oracle
 
 DEVICE = settings.TEST_DEVICE.get()
+# Without CUDA, SYNCBN_TEST_DEVICE=cuda skips this file (tests/conftest.py).
+pytestmark = pytest.mark.test_device
 
 # (atol, rtol) per input dtype, against the float64 oracle on the same inputs.
 TOLERANCES = {
