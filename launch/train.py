@@ -318,6 +318,8 @@ def main(cfg: Config) -> None:
     if master:
         n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw_model.modules())
         bn_kind = "syncbn.SyncBatchNorm" if cfg.bn == "sync" else "nn.BatchNorm2d (not synchronized)"
+        if cfg.bn == "sync" and world == 1:
+            bn_kind += " (one process: plain BatchNorm, nothing to synchronize)"
         n_params = sum(p.numel() for p in raw_model.parameters())
         shape = "x".join(map(str, train_set.tensors[0].shape[1:]))
         print(
