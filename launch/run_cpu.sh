@@ -14,4 +14,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Works from a clone without `pip install -e .` too.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_cpu.sh: NPROC=$NPROC is not a number of processes (1, 2, ...)" >&2
+    exit 1
+fi
+# --help from one process, not from every rank.
+for arg in "$@"; do
+    if [[ "$arg" == -h || "$arg" == --help ]]; then exec python "$ROOT/launch/train.py" --help; fi
+done
+# A bad option stops here, in one process, not on every rank followed by torchrun's report of
+# the failed workers.
+python -c 'import os, sys; sys.argv.pop(0); sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import train; train.parse_config()' "$ROOT/launch/train.py" --backend gloo "$@"
+
 exec torchrun --standalone --nproc-per-node "$NPROC" "$ROOT/launch/train.py" --backend gloo "$@"

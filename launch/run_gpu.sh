@@ -9,9 +9,10 @@
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 1
+#
+# Without a GPU, launch/run_cpu.sh trains the same model on CPU processes.
 set -euo pipefail
 
-NGPU=${NGPU:-$(python -c "import torch; print(torch.cuda.device_count())")}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost}
@@ -22,10 +23,27 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$NGPU" -lt 1 ]; then
-    echo "run_gpu.sh: no CUDA device found (set NGPU, or use launch/run_cpu.sh)" >&2
+# --help from one process, not from every rank.
+for arg in "$@"; do
+    if [[ "$arg" == -h || "$arg" == --help ]]; then exec python "$ROOT/launch/train.py" --help; fi
+done
+# Checked before torchrun starts: a rank without a GPU would fail with a traceback of its own.
+VISIBLE=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$VISIBLE" -eq 0 ]; then
+    echo "run_gpu.sh: torch sees no CUDA device on this machine; on CPU, run bash launch/run_cpu.sh" \
+        "(it takes the same options)" >&2
     exit 1
 fi
+NGPU=${NGPU:-$VISIBLE}
+if ! [[ "$NGPU" =~ ^[0-9]+$ ]] || [ "$NGPU" -lt 1 ] || [ "$NGPU" -gt "$VISIBLE" ]; then
+    echo "run_gpu.sh: NGPU=$NGPU, but this node has $VISIBLE visible GPU(s): set NGPU between 1 and $VISIBLE" >&2
+    exit 1
+fi
+# A bad option stops here, in one process, not on every rank followed by torchrun's report of
+# the failed workers.
+python -c 'import os, sys; sys.argv.pop(0); sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import train; train.parse_config()' "$ROOT/launch/train.py" --backend "$BACKEND" "$@"
+
 if [ "$NNODES" -eq 1 ]; then
     RDZV_ENDPOINT=localhost:0   # one node: any free port
     IS_HOST=1

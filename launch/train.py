@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDatas
 import syncbn
 
 
-def option(default, help: str, choices: tuple[str, ...] | None = None):
-    """A Config field that is also a command-line option (--name-with-dashes)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None):
+    """A Config field that is also a command-line option (--name-with-dashes); a number below
+    ``minimum`` (or not finite) is rejected."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
 
 
 @dataclass
@@ -52,12 +53,13 @@ class Config:
         "digits: scikit-learn's 1797 bundled 8x8 digit images",
         ("synthetic", "digits"),
     )
-    epochs: int = option(3, "passes over the training set")
-    batch_size: int = option(16, "samples per rank per step (the global batch is this times the world size)")
-    lr: float = option(0.1, "peak SGD learning rate, cosine-decayed to 0 over the run")
-    weight_decay: float = option(5e-4, "SGD weight decay")
-    width: int = option(16, "channels of the first stage (doubled at each of the two later stages)")
-    train_size: int = option(4096, "synthetic training images (validation: a quarter as many more)")
+    epochs: int = option(3, "passes over the training set", minimum=1)
+    batch_size: int = option(16, "samples per rank per step (the global batch is this times the world size)", minimum=1)
+    lr: float = option(0.1, "peak SGD learning rate, cosine-decayed to 0 over the run", minimum=0)
+    weight_decay: float = option(5e-4, "SGD weight decay", minimum=0)
+    width: int = option(16, "channels of the first stage (doubled at each of the two later stages)", minimum=1)
+    # At least 4: the validation set is a quarter as many images and must not be empty.
+    train_size: int = option(4096, "synthetic training images (validation: a quarter as many more)", minimum=4)
     bn: str = option(
         "sync", "sync: syncbn.SyncBatchNorm over all ranks; local: plain nn.BatchNorm2d per rank", ("sync", "local")
     )
@@ -80,16 +82,29 @@ def parse_config(argv: list[str] | None = None) -> Config:
         description="Train a small ResNet with synchronized BatchNorm (see the top of this file).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    flags = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flags[f.name], action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(
-                flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"]
+                flags[f.name], type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"]
             )
-    return Config(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    # A bad value stops here with argparse's one-line error (exit code 2), before any process
+    # group or data exists, instead of failing later inside the run with a traceback.
+    for f in dataclasses.fields(Config):
+        low, value = f.metadata["minimum"], getattr(args, f.name)
+        if low is not None and not low <= value < math.inf:  # NaN fails the comparison too
+            bound = f">= {low}" if f.type == "int" else f"a finite number >= {low}"
+            parser.error(f"argument {flags[f.name]}: must be {bound}, got {value}")
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        parser.error(
+            "argument --backend: nccl needs CUDA and torch sees no CUDA device; "
+            "use --backend gloo, as launch/run_cpu.sh does"
+        )
+    return Config(**vars(args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +318,8 @@ def main(cfg: Config) -> None:
     if master:
         n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in raw_model.modules())
         bn_kind = "syncbn.SyncBatchNorm" if cfg.bn == "sync" else "nn.BatchNorm2d (not synchronized)"
+        if cfg.bn == "sync" and world == 1:
+            bn_kind += " (one process: plain BatchNorm, nothing to synchronize)"
         n_params = sum(p.numel() for p in raw_model.parameters())
         shape = "x".join(map(str, train_set.tensors[0].shape[1:]))
         print(

@@ -96,3 +96,63 @@ def test_accelerate_launch_two_cpu_processes():
     assert result.returncode == 0, result.stdout
     assert "2 process(es) on cpu (MULTI_CPU), bn sync" in result.stdout
     assert re.search(r"epoch 1: step 4, train loss [\d.]+, val acc [\d.]+% \(\d+/64\)", result.stdout), result.stdout
+
+
+def _assert_usage_error(result, option: str) -> None:
+    """argparse's rejection: exit code 2, its usage, then one error line naming ``option``."""
+    assert result.returncode == 2, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith(f"train.py: error: argument {option}: "), result.stdout
+    assert all(line.startswith(("usage: ", " ")) for line in lines[:-1]), result.stdout
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--lr", "-0.1"),
+        ("--weight-decay", "-0.001"),  # not -1e-4: argparse reads that as an option
+        ("--width", "0"),
+        ("--train-size", "0"),
+    ],
+)
+def test_train_rejects_bad_values(option, value):
+    result = procs.python(str(procs.ROOT / "launch" / "train.py"), option, value, timeout=60)
+    _assert_usage_error(result, option)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: --backend nccl is valid here")
+def test_train_rejects_nccl_without_cuda():
+    result = procs.python(str(procs.ROOT / "launch" / "train.py"), "--backend", "nccl", timeout=60)
+    _assert_usage_error(result, "--backend")
+    assert "no CUDA device" in result.stdout
+
+
+def test_run_cpu_rejects_bad_value_before_torchrun():
+    """One error line from one process: no line per rank, no report of failed torchrun workers."""
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_cpu.sh"), "--epochs", "0"], timeout=60)
+    _assert_usage_error(result, "--epochs")
+    assert result.stdout.count("error:") == 1, result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: run_gpu.sh would start training")
+def test_run_gpu_without_cuda_points_to_run_cpu():
+    """NGPU=2 on a machine without CUDA: the script's own message, not a traceback from every rank."""
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_gpu.sh")], env={"NGPU": "2"}, timeout=60)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    assert result.stdout.strip().splitlines() == [
+        "run_gpu.sh: torch sees no CUDA device on this machine; on CPU, run bash launch/run_cpu.sh "
+        "(it takes the same options)"
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: without it run_gpu.sh stops before NGPU")
+def test_run_gpu_rejects_more_gpus_than_visible():
+    visible = torch.cuda.device_count()
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_gpu.sh")], env={"NGPU": str(visible + 1)}, timeout=60)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout, result.stdout
+    assert f"NGPU={visible + 1}, but this node has {visible} visible GPU(s)" in result.stdout

@@ -21,6 +21,8 @@ from syncbn.verify import PARAM_TOLERANCES, TOLERANCES
 from tests.oracle import MEMORY_FORMATS, LayerConfig, make_data, make_eval_data, make_params, run_oracle
 
 DEVICE = settings.TEST_DEVICE.get()
+# Without CUDA, SYNCBN_TEST_DEVICE=cuda skips this file (tests/conftest.py).
+pytestmark = pytest.mark.test_device
 
 
 def _setup_device(cfg: LayerConfig) -> torch.device:

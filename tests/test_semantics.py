@@ -18,6 +18,8 @@ from syncbn import settings
 from syncbn.functional import sync_batch_norm
 
 DEVICE = settings.TEST_DEVICE.get()
+# Without CUDA, SYNCBN_TEST_DEVICE=cuda skips this file (tests/conftest.py).
+pytestmark = pytest.mark.test_device
 
 
 @contextlib.contextmanager
