@@ -1,7 +1,7 @@
 """Compile every kernel launch of the benchmark layers for a GPU target, without a GPU.
 
-    PYTHONPATH=. python benchmarks/aot_compile.py [--arch 90] [--quick]
-    PYTHONPATH=. python benchmarks/aot_compile.py --resnet50     # count a ResNet-50's compiles
+    python -m benchmarks.aot_compile [--arch 90] [--quick]
+    python -m benchmarks.aot_compile --resnet50     # count a ResNet-50's compiles
 
 Runs the real launchers of ``syncbn.ops.triton`` on ``meta`` tensors with the kernels replaced by
 recorders, then compiles each distinct launch with ``triton.compile`` for ``sm_<arch>`` (the
@@ -25,16 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from benchmarks.bench_kernels import DTYPES, LAYERS, QUICK, layouts_for  # noqa: E402
-from syncbn.ops import triton as K  # noqa: E402
+from benchmarks.bench_kernels import DTYPES, LAYERS, QUICK, layouts_for
+from syncbn.ops import triton as K
 
 KERNELS = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel",
            "_elemt_ncs_kernel", "_elemt_mc_kernel"]  # fmt: skip
@@ -165,7 +161,11 @@ def count_resnet50_compiles() -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.aot_compile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sms", type=int, default=132)

@@ -1,6 +1,7 @@
 """Per-layer communication: syncbn's one all-reduce against torch.nn.SyncBatchNorm's all-gather.
 
-    python benchmarks/bench_comm.py           # writes benchmarks/results/comm.{json,md,png}
+    python -m benchmarks.bench_comm [--quick]    # results in benchmarks/results/scratch/
+    python -m benchmarks.bench_comm --save       # a full run: replaces benchmarks/results/comm.{json,md,png}
 
 Forward, syncbn all-reduces one float64 buffer of ``2C + 1`` values (sum, sum of squares,
 count), whatever the world size W. ``torch.nn.SyncBatchNorm`` all-gathers ``2C + 1`` float32
@@ -15,23 +16,26 @@ bytes each rank receives per layer for W = 2 ... 4096 under both schemes, and th
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (
-    RESULTS,
-    interleaved_medians,
+    Row,
+    add_count_args,
+    add_output_args,
+    dtype_name,
+    fill_counts,
     meta,
     meta_line,
+    output_dir,
     run_world,
     save_figure,
     slowest_rank,
+    time_interleaved,
     write_results,
-)  # noqa: E402
+)
 
 # torch 2.13 renamed all_gather_into_tensor
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -39,24 +43,39 @@ CHANNELS = [64, 128, 256, 512, 1024, 2048]
 WORLDS = [2, 4]
 COMPUTED_WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 COMPUTED_CHANNELS = [256, 2048]
+FULL = {"rounds": 11, "iters": 20, "warmup": 10}
+QUICK = {"rounds": 3, "iters": 3, "warmup": 2}
+PROVIDERS = {"syncbn all_reduce": torch.float64, "torch all_gather": torch.float32}
 
 
-def _measure(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
+def _measure(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
     rows = []
     for channels in CHANNELS:
         n = 2 * channels + 1
         ours = torch.zeros(n, dtype=torch.float64)
         local = torch.zeros(n, dtype=torch.float32)
         gathered = torch.zeros(world * n, dtype=torch.float32)
-        times = interleaved_medians(
+        times = time_interleaved(
             {
                 "syncbn all_reduce": lambda: dist.all_reduce(ours),
                 "torch all_gather": lambda: ALL_GATHER(gathered, local),
             },
-            args.rounds, args.iters, args.warmup, barrier=dist.barrier,
+            rounds=args.rounds, iters=args.iters, warmup=args.warmup, barrier=dist.barrier,
         )  # fmt: skip
-        rows.append({"world": world, "channels": channels, **times})
-    return slowest_rank(rows, labels=("world", "channels"))
+        rows += [
+            Row.measured(
+                t, provider, "forward", shape=[n], dtype=dtype_name(PROVIDERS[provider]),
+                layout="contiguous", device="cpu", world=world, channels=channels, backend="gloo",
+            )
+            for provider, t in times.items()
+        ]  # fmt: skip
+    return slowest_rank(rows)
+
+
+def latency(measured: list[Row], provider: str, world: int) -> tuple[list[int], list[float]]:
+    """(channels, median ms) of one collective at one world size."""
+    rows = [r for r in measured if r.provider == provider and r.extras["world"] == world]
+    return [r.extras["channels"] for r in rows], [r.median_ms for r in rows]
 
 
 def bytes_received(world: int, channels: int) -> dict:
@@ -80,18 +99,16 @@ def _kib(b: float) -> str:
     return f"{b / 1024:,.1f}"
 
 
-def plot(measured: list[dict], computed: list[dict], path: Path, title_meta: str) -> None:
+def plot(measured: list[Row], computed: list[dict], path: Path, title_meta: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for world in WORLDS:
-        rows = [r for r in measured if r["world"] == world]
-        cs = [r["channels"] for r in rows]
-        left.plot(cs, [r["syncbn all_reduce"] for r in rows], "o-", label=f"syncbn all-reduce, W={world}")
-        left.plot(cs, [r["torch all_gather"] for r in rows], "s--", label=f"torch all-gather, W={world}")
+    for world in sorted({r.extras["world"] for r in measured}):
+        left.plot(*latency(measured, "syncbn all_reduce", world), "o-", label=f"syncbn all-reduce, W={world}")
+        left.plot(*latency(measured, "torch all_gather", world), "s--", label=f"torch all-gather, W={world}")
     left.set_xscale("log", base=2)
     left.set_xlabel("channels C")
     left.set_ylabel("latency per layer, forward (ms)")
@@ -113,21 +130,22 @@ def plot(measured: list[dict], computed: list[dict], path: Path, title_meta: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_comm", description=__doc__.splitlines()[0])
+    add_count_args(parser, FULL, QUICK)
+    add_output_args(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args, reduced="--quick" if args.quick else None)
+    fill_counts(args, FULL, QUICK, args.quick)
 
-    measured = []
+    measured: list[Row] = []
     for world in WORLDS:
         print(f"measuring gloo, {world} processes ...", flush=True)
         rows = run_world(world, _measure, args)
-        for r in rows:
+        for channels in CHANNELS:
+            ms = {r.provider: r.median_ms for r in rows if r.extras["channels"] == channels}
             print(
-                f"  W={world} C={r['channels']:5d}  syncbn all_reduce {r['syncbn all_reduce']:.3f} ms  "
-                f"torch all_gather {r['torch all_gather']:.3f} ms",
+                f"  W={world} C={channels:5d}  syncbn all_reduce {ms['syncbn all_reduce']:.3f} ms  "
+                f"torch all_gather {ms['torch all_gather']:.3f} ms",
                 flush=True,
             )
         measured += rows
@@ -137,7 +155,7 @@ def main() -> None:
     lines = [
         "# Communication per layer: syncbn's all-reduce vs torch.nn.SyncBatchNorm's all-gather",
         "",
-        f"{meta_line(m)} Reproduce: `python benchmarks/bench_comm.py`.",
+        f"{meta_line(m)} Reproduce: `python -m benchmarks.bench_comm --save`.",
         "",
         "Forward collective of one BatchNorm layer. syncbn: `all_reduce` of 2C+1 float64 values. "
         "torch.nn.SyncBatchNorm: `all_gather` of 2C+1 float32 values per rank (W x (2C+1) "
@@ -148,11 +166,10 @@ def main() -> None:
         "| W | C | syncbn all-reduce (ms) | torch all-gather (ms) |",
         "|---|---|---|---|",
     ]
-    lines += [
-        f"| {r['world']} | {r['channels']} | {r['syncbn all_reduce']:.3f} | {r['torch all_gather']:.3f} |"
-        for r in measured
-    ]
-    ratios = [r["syncbn all_reduce"] / r["torch all_gather"] for r in measured]
+    ms = {(r.extras["world"], r.extras["channels"], r.provider): r.median_ms for r in measured}
+    pairs = [(w, c, ms[w, c, "syncbn all_reduce"], ms[w, c, "torch all_gather"]) for w in WORLDS for c in CHANNELS]
+    lines += [f"| {w} | {c} | {ours:.3f} | {theirs:.3f} |" for w, c, ours, theirs in pairs]
+    ratios = [ours / theirs for _, _, ours, theirs in pairs]
     faster = "faster" if sorted(ratios)[len(ratios) // 2] < 1 else "slower"
     lines += [
         "",
@@ -176,9 +193,9 @@ def main() -> None:
         for r in computed
     ]
     lines += ["", "![measured latency and computed bytes](comm.png)"]
-    write_results("comm", m, {"measured": measured, "computed": computed}, lines, args.out)  # type: ignore[arg-type]
-    plot(measured, computed, args.out / "comm.png", meta_line(m))
-    print(f"wrote {args.out / 'comm.md'}, comm.json, comm.png")
+    md = write_results("comm", m, measured, lines, out, computed=computed)
+    plot(measured, computed, out / "comm.png", meta_line(m))
+    print(f"wrote {md}, comm.json, comm.png")
 
 
 if __name__ == "__main__":

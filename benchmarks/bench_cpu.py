@@ -1,6 +1,7 @@
 """CPU speed of the synced layer at world size 2 (gloo) against single-process F.batch_norm.
 
-    python benchmarks/bench_cpu.py            # writes benchmarks/results/cpu.md and cpu.json
+    python -m benchmarks.bench_cpu [--quick]    # results in benchmarks/results/scratch/
+    python -m benchmarks.bench_cpu --save       # a full run: replaces benchmarks/results/cpu.{md,json}
 
 Two processes with one thread each (the machine's two cores, one per rank) run, for every
 shape, forward+backward of:
@@ -19,22 +20,34 @@ table reports the slower rank (a synced step waits for it).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, interleaved_medians, meta, meta_line, run_world, slowest_rank, write_results  # noqa: E402
-from syncbn.functional import sync_batch_norm  # noqa: E402
+from benchmarks.common import (
+    Row,
+    add_count_args,
+    add_output_args,
+    fill_counts,
+    meta,
+    meta_line,
+    output_dir,
+    run_world,
+    slowest_rank,
+    time_interleaved,
+    write_results,
+)
+from syncbn.functional import sync_batch_norm
 
 SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (256, 512)]
 TARGET = 1.5
+FULL = {"rounds": 15, "iters": 10, "warmup": 10}
+QUICK = {"rounds": 3, "iters": 2, "warmup": 2}
 
 
-def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
+def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
     # a group of one rank: syncbn with no communication, the local math alone in these conditions
     alone, _ = dist.new_subgroups(group_size=1)
     rows = []
@@ -68,25 +81,49 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
             "all_reduce x2": collectives,
             "F.batch_norm + all_reduce x2": f_batch_norm_with_collectives,
         }
-        times = interleaved_medians(candidates, args.rounds, args.iters, args.warmup, barrier=dist.barrier)
-        row = {"shape": list(shape), **times}
-        rows.append(row)
+        times = time_interleaved(
+            candidates, rounds=args.rounds, iters=args.iters, warmup=args.warmup, barrier=dist.barrier
+        )
+        rows += [
+            Row.measured(
+                t,
+                provider,
+                "forward+backward",
+                shape=shape,
+                dtype="float32",
+                layout="contiguous",
+                device="cpu",
+                world_size=world,
+                threads_per_rank=1,
+            )
+            for provider, t in times.items()
+        ]
         if rank == 0:
+            ms = {provider: t.median for provider, t in times.items()}
             print(
-                f"{str(shape):<18} F.batch_norm {row['F.batch_norm']:.3f} ms  syncbn {row['syncbn']:.3f} ms "
-                f"({row['syncbn'] / row['F.batch_norm']:.2f}x)  unsynced {row['syncbn unsynced']:.3f} ms  "
-                f"all_reduce x2 {row['all_reduce x2']:.3f} ms",
+                f"{str(shape):<18} F.batch_norm {ms['F.batch_norm']:.3f} ms  syncbn {ms['syncbn']:.3f} ms "
+                f"({ms['syncbn'] / ms['F.batch_norm']:.2f}x)  unsynced {ms['syncbn unsynced']:.3f} ms  "
+                f"all_reduce x2 {ms['all_reduce x2']:.3f} ms",
                 flush=True,
             )
-    return slowest_rank(rows, labels=("shape",))
+    return slowest_rank(rows)
 
 
-def report(rows: list[dict], world: int, out_dir: Path) -> None:
+def by_shape(rows: list[Row]) -> list[dict]:
+    """One dict per shape: ``{"shape": ..., provider: median ms, ...}`` (the report's table)."""
+    shapes: list[list[int]] = []
+    for r in rows:
+        if r.shape not in shapes:
+            shapes.append(r.shape)
+    return [{"shape": s, **{r.provider: r.median_ms for r in rows if r.shape == s}} for s in shapes]
+
+
+def report(rows: list[Row], world: int, out_dir: Path) -> Path:
     m = meta(world_size=world, threads_per_rank=1, dtype="float32")
     lines = [
         "# CPU: syncbn at world size 2 (gloo) vs single-process F.batch_norm",
         "",
-        f"{meta_line(m)} Reproduce: `python benchmarks/bench_cpu.py`.",
+        f"{meta_line(m)} Reproduce: `python -m benchmarks.bench_cpu --save`.",
         "",
         "Forward+backward per layer, float32, one thread per rank, two ranks on this machine's two "
         "cores. `F.batch_norm` runs on each rank's local tensor with no communication; `syncbn` is "
@@ -101,7 +138,8 @@ def report(rows: list[dict], world: int, out_dir: Path) -> None:
         "| unsynced / F.batch_norm | all_reduce x2 (ms) | F.batch_norm + all_reduce x2 (ms) | syncbn / control |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    table = by_shape(rows)
+    for r in table:
         ratio = r["syncbn"] / r["F.batch_norm"]
         lines.append(
             f"| {tuple(r['shape'])} | {r['F.batch_norm']:.3f} | {r['syncbn']:.3f} | {ratio:.2f}x | "
@@ -110,7 +148,7 @@ def report(rows: list[dict], world: int, out_dir: Path) -> None:
             f"{r['all_reduce x2']:.3f} | {r['F.batch_norm + all_reduce x2']:.3f} | "
             f"{r['syncbn'] / r['F.batch_norm + all_reduce x2']:.2f}x |"
         )
-    worst_local = max(r["syncbn unsynced"] / r["F.batch_norm"] for r in rows[:2])
+    worst_local = max(r["syncbn unsynced"] / r["F.batch_norm"] for r in table[:2])
     lines += [
         "",
         "Reading it: the local math (`syncbn unsynced`) is within "
@@ -122,22 +160,21 @@ def report(rows: list[dict], world: int, out_dir: Path) -> None:
         "per all-reduce the target assumed; on the (256, 512) layer they are ten times the whole "
         "F.batch_norm, and the small per-channel tensor ops around them are the rest.",
     ]
-    write_results("cpu", m, rows, lines, out_dir)
+    return write_results("cpu", m, rows, lines, out_dir)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu", description=__doc__.splitlines()[0])
+    add_count_args(parser, FULL, QUICK)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_args(parser)
     args = parser.parse_args()
+    out = output_dir(parser, args, reduced="--quick" if args.quick else None)
+    fill_counts(args, FULL, QUICK, args.quick)
     world = 2
     rows = run_world(world, _bench_rank, args)
     if not args.no_write:
-        report(rows, world, args.out)
-        print(f"wrote {args.out / 'cpu.md'}")
+        print(f"wrote {report(rows, world, out)}")
 
 
 if __name__ == "__main__":

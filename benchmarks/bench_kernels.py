@@ -1,9 +1,11 @@
 """Kernel benchmark on one GPU: syncbn's synced path against F.batch_norm and torch's SyncBN path.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--quick] [--out DIR]
+    python -m benchmarks.bench_kernels [--quick] [--out DIR]   # results in benchmarks/results/scratch/
+    python -m benchmarks.bench_kernels --save                  # a full run, into benchmarks/results/
 
-For every layer of DESIGN.md section 6 plus a few more, in float32 and bfloat16, contiguous and
-channels_last where that applies, it times forward and forward+backward of
+For every layer below (ResNet stages, detection, video, projection heads; large and small), in
+float32 and bfloat16, contiguous and channels_last where that applies, it times forward and
+forward+backward of
 
 - syncbn: ``syncbn.functional.sync_batch_norm`` on its synced path (a 1-process NCCL group made
   in this process, ``SYNCBN_ALWAYS_SYNC=1``: both all-reduces run);
@@ -12,16 +14,16 @@ channels_last where that applies, it times forward and forward+backward of
   size 1 (what ``torch.nn.SyncBatchNorm`` runs in training with a process group);
 
 with weight, bias and running statistics in float32 (the AMP setting for bfloat16 input). Times
-are ``triton.testing.do_bench`` medians (CUDA events, L2 flushed before every run, warm-up
-first); backward is ``torch.autograd.grad`` for input, weight and bias, so nothing accumulates.
-The copy floor: forward moves 3S bytes (read x twice, write y), forward+backward 8S, S the
-activation's bytes, at the device-to-device copy rate measured in this run. For the layers of
-32 MB and more it also times each syncbn kernel pass alone (``--no-breakdown`` skips it). Two
-diagnostics per case, outside the targets: syncbn forward+backward replayed from a CUDA graph
-(device time without Python), and the Python time to issue it eagerly.
+are medians of ``benchmarks.common.time_calls_within`` (``triton.testing.do_bench``'s method:
+CUDA events, L2 flushed before every call, warm-up first); backward is ``torch.autograd.grad``
+for input, weight and bias, so nothing accumulates. The copy floor: forward moves 3S bytes
+(read x twice, write y), forward+backward 8S, S the activation's bytes, at the device-to-device
+copy rate measured in this run. For the layers of 32 MB and more it also times each syncbn
+kernel pass alone (``--no-breakdown`` skips it). Two diagnostics per case, outside the targets:
+syncbn forward+backward replayed from a CUDA graph (device time without Python), and the
+Python time to issue it eagerly.
 
-Writes ``kernels-<gpu>.md`` and ``.json`` under ``--out`` (default benchmarks/results) and
-prints one line per case while it runs.
+Writes ``kernels-<gpu>.md`` and ``.json`` and prints one line per case while it runs.
 """
 
 from __future__ import annotations
@@ -30,29 +32,34 @@ import argparse
 import datetime
 import functools
 import inspect
-import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import (
+    Row,
+    add_output_args,
+    dtype_name,
+    output_dir,
+    slug,
+    time_calls,
+    time_calls_within,
+    versions,
+    write_results,
+)
+from syncbn import settings
+from syncbn.functional import sync_batch_norm
+from syncbn.ops import backend_name
 
-from benchmarks.common import fast_launch  # noqa: E402
-from syncbn.functional import sync_batch_norm  # noqa: E402
-from syncbn.ops import backend_name  # noqa: E402
-
-# (shape, what it is). DESIGN.md section 6 first, then the issue's additions.
+# (shape, what it is): the layers the targets are set on first, then more shapes and sizes.
 LAYERS = [
     ((32, 64, 112, 112), "ResNet stem"),
     ((32, 256, 56, 56), "ResNet stage 1"),
@@ -79,12 +86,13 @@ def layouts_for(shape):
     return {"NC": torch.contiguous_format}
 
 
-def bench(fn, warmup, rep):
-    """(median, p20, p80) in ms."""
-    from triton.testing import do_bench
+FAST, GRAPH, PASSES_PROVIDER = "syncbn fast launch", "syncbn, CUDA graph", "syncbn.ops.triton"
+PASS_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 
-    q = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return tuple(float(v) for v in q)
+
+def bench(fn, warmup_ms, rep_ms):
+    """do_bench-style timing on the GPU: L2 flushed before each call."""
+    return time_calls_within(fn, warmup_ms=warmup_ms, rep_ms=rep_ms, device="cuda", flush_l2=True)
 
 
 def measure_copy_rate(warmup, rep):
@@ -92,15 +100,14 @@ def measure_copy_rate(warmup, rep):
     n = 2**28  # 1 GiB of float32 each way
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
-    ms = bench(functools.partial(dst.copy_, src), warmup, rep)[0]
+    ms = bench(functools.partial(dst.copy_, src), warmup, rep).median
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n * 4 / (ms * 1e-3)
 
 
 def init_world():
-    """A 1-process NCCL group in this process; the synced path forced at world size 1."""
-    os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
+    """A 1-process NCCL group in this process (the caller forces the synced path at world size 1)."""
     store_path = os.path.join(tempfile.mkdtemp(prefix="syncbn-bench-"), "store")
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
@@ -140,11 +147,13 @@ def env_info():
         "triton": triton.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "python": sys.version.split()[0],
+        "syncbn": versions()["syncbn"],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
+def run_case(shape, dtype, memory_format, lname, note, group, torch_sync, warmup, rep):
+    """The case's rows: each provider forward and forward+backward, and syncbn's diagnostics."""
     channels = shape[1]
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=g).to(dtype)
@@ -155,38 +164,49 @@ def run_case(shape, dtype, memory_format, group, torch_sync, warmup, rep):
     rm = torch.zeros(channels, device="cuda")
     rv = torch.ones(channels, device="cuda")
     assert backend_name(x) == "triton", "syncbn would not use the Triton kernels here"
+    layout_kind = "channels_last" if memory_format != torch.contiguous_format else "contiguous"
+    case = dict(shape=shape, dtype=dtype_name(dtype), layout=lname, device=torch.cuda.get_device_name())
+    extras = dict(note=note, layout_kind=layout_kind, bytes=x.numel() * x.element_size())
+
+    def row(timing, provider, mode, **more):
+        return Row.measured(timing, provider, PASS_NAMES[mode], **case, **extras, **more)
+
+    def failed(provider, mode, e):
+        return row(None, provider, mode, error=f"{type(e).__name__}: {e}"[:300])
 
     providers = {
         "syncbn": lambda: sync_batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS, group),
         "F.batch_norm": lambda: F.batch_norm(x, rm, rv, w, b, True, MOMENTUM, EPS),
         "torch SyncBN": lambda: torch_sync.apply(x, w, b, rm, rv, EPS, MOMENTUM, group, 1),
     }
-    out = {}
+    rows = []
     for name, fwd in providers.items():
 
         def fwd_bwd(fwd=fwd):
             y = fwd()
             torch.autograd.grad(y, (x, w, b), dy)
 
+        mode = "fwd"
         try:
-            out[name] = {"fwd": bench(fwd, warmup, rep), "fwd_bwd": bench(fwd_bwd, warmup, rep)}
+            rows.append(row(bench(fwd, warmup, rep), name, mode))
+            mode = "fwd_bwd"
+            timing = bench(fwd_bwd, warmup, rep)
         except Exception as e:  # noqa: BLE001 - record and go on: one provider may not support a case
-            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append(failed(name, mode, e))
             continue
-        if name == "syncbn":
-            out[name]["host_us_fwd_bwd"] = host_time_us(fwd_bwd)
-            if GRAPH_TIMING["enabled"]:
-                out[name]["graph_fwd_bwd"] = graph_time(fwd_bwd, warmup, rep)
-            # The same with SYNCBN_TRITON_FAST_LAUNCH=1: eager forward+backward and host time.
-            with fast_launch():
-                try:
-                    out["syncbn fast launch"] = {
-                        "fwd_bwd": bench(fwd_bwd, warmup, rep),
-                        "host_us_fwd_bwd": host_time_us(fwd_bwd),
-                    }
-                except Exception as e:  # noqa: BLE001 - recorded in the row's errors
-                    out["syncbn fast launch"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    return out
+        if name != "syncbn":
+            rows.append(row(timing, name, "fwd_bwd"))
+            continue
+        rows.append(row(timing, name, "fwd_bwd", host_us=host_time_us(fwd_bwd)))
+        if GRAPH_TIMING["enabled"]:
+            rows.append(row(graph_time(fwd_bwd, warmup, rep), GRAPH, "fwd_bwd"))
+        # The same with SYNCBN_TRITON_FAST_LAUNCH=1: eager forward+backward and host time.
+        with settings.TRITON_FAST_LAUNCH.set(True):
+            try:
+                rows.append(row(bench(fwd_bwd, warmup, rep), FAST, "fwd_bwd", host_us=host_time_us(fwd_bwd)))
+            except Exception as e:  # noqa: BLE001 - recorded in the case's errors
+                rows.append(failed(FAST, "fwd_bwd", e))
+    return rows
 
 
 GRAPH_TIMING = {"enabled": True}
@@ -194,18 +214,11 @@ GRAPH_TIMING = {"enabled": True}
 
 def host_time_us(fn, calls=20):
     """Python-side time per call: enqueue only (the queue does not fill in 20 calls)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+    return time_calls(fn, warmup=1, reps=1, iters=calls, device="cuda", clock="host").median * 1e3
 
 
 def graph_time(fn, warmup, rep):
-    """Median ms of ``fn`` captured once in a CUDA graph and replayed: device time, no host."""
+    """``fn`` captured once in a CUDA graph and replayed: device time, no host."""
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -215,9 +228,9 @@ def graph_time(fn, warmup, rep):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             fn()
-        ms = bench(graph.replay, warmup, rep)[0]
+        timing = bench(graph.replay, warmup, rep)
         del graph
-        return ms
+        return timing
     except Exception as e:  # noqa: BLE001 - a diagnostic column: turn it off, keep the run
         print(f"warning: CUDA-graph timing failed ({type(e).__name__}: {str(e)[:200]}); column disabled")
         GRAPH_TIMING["enabled"] = False
@@ -225,7 +238,7 @@ def graph_time(fn, warmup, rep):
         return None
 
 
-def run_breakdown(shape, dtype, memory_format, warmup, rep):
+def run_breakdown(shape, dtype, memory_format, lname, warmup, rep):
     """Each syncbn kernel pass alone (Triton backend ops), and its achieved bytes per second."""
     from syncbn.ops import triton as ops
 
@@ -249,46 +262,61 @@ def run_breakdown(shape, dtype, memory_format, warmup, rep):
         ),
         "backward_elemt": (lambda: ops.backward_elemt(dy, x, mean, invstd, w, sums, stats[-1]), 3 * s_bytes),
     }
-    out = {}
+    rows = []
     for name, (fn, nbytes) in passes.items():
-        ms = bench(fn, warmup, rep)[0]
-        out[name] = {"ms": ms, "bytes": nbytes, "bytes_per_s": nbytes / (ms * 1e-3) if nbytes else None}
-    return out
+        timing = bench(fn, warmup, rep)
+        rows.append(
+            Row.measured(
+                timing, PASSES_PROVIDER, name, shape=shape, dtype=dtype_name(dtype), layout=lname,
+                device=torch.cuda.get_device_name(), bytes=nbytes, bytes_per_s=nbytes / (timing.median * 1e-3),
+            )
+        )  # fmt: skip
+    return rows
 
 
-def make_row(shape, note, dname, lname, layout_kind, nbytes, res, copy_rate):
-    """One layer's row of the report from ``run_case``'s timings (ms medians)."""
-    row = {"shape": shape, "note": note, "dtype": dname, "layout": lname, "layout_kind": layout_kind,
-           "bytes": nbytes, "raw": res}  # fmt: skip
-    keys = {"syncbn": "syncbn", "F.batch_norm": "bn", "torch SyncBN": "torch", "syncbn fast launch": "fast"}
+SHORT_DTYPE = {dtype_name(dtype): short for short, dtype in DTYPES.items()}
+KEYS = {"syncbn": "syncbn", "F.batch_norm": "bn", "torch SyncBN": "torch", FAST: "fast", GRAPH: "syncbn_graph"}
+
+
+def case_summary(rows, copy_rate):
+    """One case's line of the report from its rows: medians, floor fractions, speedups, errors."""
+    first = rows[0]
+    nbytes = first.extras["bytes"]
+    case = {"shape": str(tuple(first.shape)), "note": first.extras["note"], "dtype": SHORT_DTYPE[first.dtype],
+            "layout": first.layout, "layout_kind": first.extras["layout_kind"], "bytes": nbytes}  # fmt: skip
     errs = []
-    for prov, k in keys.items():
-        if prov not in res:
+    for r in rows:
+        mode = {v: k for k, v in PASS_NAMES.items()}[r.pass_]
+        k = KEYS[r.provider]
+        if "error" in r.extras:
+            errs.append(f"{r.provider}: {r.extras['error']}")
             continue
-        if "error" in res[prov]:
-            errs.append(f"{prov}: {res[prov]['error']}")
-            continue
-        if "fwd" in res[prov]:
-            row[f"{k}_fwd"] = res[prov]["fwd"][0]
-        row[f"{k}_fwd_bwd"] = res[prov]["fwd_bwd"][0]
-        if k == "syncbn":
-            row["syncbn_graph_fwd_bwd"] = res[prov].get("graph_fwd_bwd")
-        if k in ("syncbn", "fast"):
-            row[f"{k}_host_us"] = res[prov].get("host_us_fwd_bwd")
+        case[f"{k}_{mode}"] = r.median_ms
+        if "host_us" in r.extras:
+            case[f"{k}_host_us"] = r.extras["host_us"]
     if errs:
-        row["errors"] = "; ".join(errs)
-    if "syncbn_fwd" in row:
-        row["floor_fwd"] = 3 * nbytes / copy_rate / (row["syncbn_fwd"] * 1e-3)
-        row["floor_fwd_bwd"] = 8 * nbytes / copy_rate / (row["syncbn_fwd_bwd"] * 1e-3)
+        case["errors"] = "; ".join(errs)
+    if "syncbn_fwd" in case and "syncbn_fwd_bwd" in case:
+        case["floor_fwd"] = 3 * nbytes / copy_rate / (case["syncbn_fwd"] * 1e-3)
+        case["floor_fwd_bwd"] = 8 * nbytes / copy_rate / (case["syncbn_fwd_bwd"] * 1e-3)
         for k in ("bn", "torch"):
             for mode in ("fwd", "fwd_bwd"):
-                if f"{k}_{mode}" in row:
-                    row[f"vs_{k}_{mode}"] = row[f"{k}_{mode}"] / row[f"syncbn_{mode}"]
-    if "fast_fwd_bwd" in row:  # the same speedups with fast launch, forward+backward
+                if f"{k}_{mode}" in case:
+                    case[f"vs_{k}_{mode}"] = case[f"{k}_{mode}"] / case[f"syncbn_{mode}"]
+    if "fast_fwd_bwd" in case:  # the same speedups with fast launch, forward+backward
         for k in ("bn", "torch"):
-            if f"{k}_fwd_bwd" in row:
-                row[f"vs_{k}_fwd_bwd_fast"] = row[f"{k}_fwd_bwd"] / row["fast_fwd_bwd"]
-    return row
+            if f"{k}_fwd_bwd" in case:
+                case[f"vs_{k}_fwd_bwd_fast"] = case[f"{k}_fwd_bwd"] / case["fast_fwd_bwd"]
+    return case
+
+
+def cases_of(rows, copy_rate):
+    """The report's lines, one per (layer, dtype, layout), from the layer rows (not the passes')."""
+    groups = {}
+    for r in rows:
+        if r.provider != PASSES_PROVIDER:
+            groups.setdefault((str(r.shape), r.dtype, r.layout), []).append(r)
+    return [case_summary(group, copy_rate) for group in groups.values()]
 
 
 PASSES = ("local_stats", "finalize_normalize", "backward_reduce_affine", "backward_elemt")
@@ -308,16 +336,18 @@ def fmt_ms(v):
     return "-" if v is None else f"{v:.4g}"
 
 
-def summarize(rows):
+def summarize(cases):
+    """Floor fractions and speedups over the cases, and the targets met or missed."""
+
     def med(key, pred):
-        vals = [r[key] for r in rows if pred(r) and r.get(key) is not None]
+        vals = [r[key] for r in cases if pred(r) and r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    groups = sorted({(r["dtype"], r["layout_kind"]) for r in rows})
+    groups = sorted({(r["dtype"], r["layout_kind"]) for r in cases})
     floor = []
     for dtype, kind in groups:
         pred = lambda r, d=dtype, k=kind: r["dtype"] == d and r["layout_kind"] == k and r["bytes"] >= BIG  # noqa: E731
-        n = sum(1 for r in rows if pred(r))
+        n = sum(1 for r in cases if pred(r))
         if n:
             floor.append({
                 "dtype": dtype, "layouts": kind, "layers": n,
@@ -326,7 +356,7 @@ def summarize(rows):
     speed = {}
     for label, pred in [("all", lambda r: True), ("fp32", lambda r: r["dtype"] == "fp32"),
                         ("bf16", lambda r: r["dtype"] == "bf16")]:  # fmt: skip
-        sel = [r for r in rows if pred(r)]
+        sel = [r for r in cases if pred(r)]
         speed[label] = {
             "vs_torch_syncbn_fwd": geomean([r.get("vs_torch_fwd") for r in sel]),
             "vs_torch_syncbn_fwd_bwd": geomean([r.get("vs_torch_fwd_bwd") for r in sel]),
@@ -364,16 +394,20 @@ def summarize(rows):
 
 def argv_text(args):
     out = ["--quick"] if args.quick else []
+    out += ["--save"] if args.save else []
     out += [f"--tuning {args.tuning}"] if args.tuning else []
     out += [f"--layers '{args.layers}'"] if args.layers else []
     return out
 
 
-def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s):
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path = out_dir / f"kernels-{slug}.md"
-    json_path = out_dir / f"kernels-{slug}.json"
+def write_report(out_dir, env, copy_rate, rows, args, wall_s):
+    """``kernels-<gpu>.md`` and ``.json`` from the rows; (the markdown's path, the summary)."""
+    cases = cases_of(rows, copy_rate)
+    summary = summarize(cases)
+    passes = {}  # (shape, dtype, layout): {pass: row} of the per-pass timings
+    for r in rows:
+        if r.provider == PASSES_PROVIDER:
+            passes.setdefault((str(tuple(r.shape)), SHORT_DTYPE[r.dtype], r.layout), {})[r.pass_] = r
     lines = [
         f"# syncbn kernels on {env['device']}",
         "",
@@ -381,9 +415,10 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), Triton {env['triton']}, "
         f"Python {env['python']}; {env['date']}." + (f" Launch rules: {env['tuning']}." if env.get("tuning") else ""),
         "",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_kernels.py{' '.join([''] + (argv_text(args)))}`; "
-        f"{wall_s:.0f} s. Times: `triton.testing.do_bench` median in ms (CUDA events, L2 flushed "
-        f"before each run, warmup {args.warmup} ms, rep {args.rep} ms). syncbn = synced path "
+        f"Command: `python -m benchmarks.bench_kernels{' '.join([''] + (argv_text(args)))}`; "
+        f"{wall_s:.0f} s. Times: median in ms of `benchmarks.common.time_calls_within`, `triton.testing.do_bench`'s "
+        f"method (CUDA events, L2 flushed before each call, warmup {args.warmup} ms, rep {args.rep} ms). "
+        "syncbn = synced path "
         "(1-process NCCL group, `SYNCBN_ALWAYS_SYNC=1`, both all-reduces included); torch SyncBN = "
         "`torch.nn.modules._functions.SyncBatchNorm.apply` at world size 1; weight, bias and running "
         "statistics float32.",
@@ -395,16 +430,15 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
         "a CUDA graph (device time without Python), the Python time to issue one eager "
         "forward+backward, and the eager forward+backward and its host time with "
         "`SYNCBN_TRITON_FAST_LAUNCH=1` (compiled kernels relaunched directly; not the default yet). "
-        "Where the host time exceeds the device time plus about 60-85 us (the "
-        "L2-flush kernel do_bench runs before each call gives the host that head start), the "
-        "eager numbers are host-bound.",
+        "Where the host time exceeds the device time plus about 60-85 us (the L2 flush before "
+        "each timed call gives the host that head start), the eager numbers are host-bound.",
         "",
         "| layer | dtype | layout | MB | syncbn fwd | syncbn f+b | F.bn fwd | F.bn f+b | torch SyncBN fwd "
         "| torch SyncBN f+b | floor fwd | floor f+b | x F.bn fwd | x F.bn f+b | x torch f+b "
         "| syncbn f+b graph | host us f+b | f+b fast launch | host us fast |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in cases:
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['layout']} | {r['bytes'] / 2**20:.1f} "
             f"| {fmt_ms(r.get('syncbn_fwd'))} | {fmt_ms(r.get('syncbn_fwd_bwd'))} "
@@ -415,7 +449,7 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
             f"| {fmt_ms(r.get('syncbn_graph_fwd_bwd'))} | {fmt(r.get('syncbn_host_us'), 0)} "
             f"| {fmt_ms(r.get('fast_fwd_bwd'))} | {fmt(r.get('fast_host_us'), 0)} |"
         )
-    errors = [(r["shape"], r["dtype"], r["layout"], r["errors"]) for r in rows if r.get("errors")]
+    errors = [(r["shape"], r["dtype"], r["layout"], r["errors"]) for r in cases if r.get("errors")]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {s} {d} {layout}: {e}" for s, d, layout, e in errors]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
@@ -433,7 +467,7 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
             f"| {fmt(s['vs_batch_norm_fwd'], 2)} | {fmt(s['vs_batch_norm_fwd_bwd'], 2)} "
             f"| {fmt(s['vs_torch_syncbn_fwd_bwd_fast'], 2)} | {fmt(s['vs_batch_norm_fwd_bwd_fast'], 2)} |"
         )
-    if breakdown:
+    if passes:
         lines += ["", "## syncbn passes alone (Triton backend ops, no collective)", "",
                   "Fraction = bytes at the floor (stats S, normalize 2S, backward reduce 2S, backward "
                   "elementwise 3S) / copy rate / time. Each pass includes its small second kernel "
@@ -441,37 +475,46 @@ def write_report(out_dir, env, copy_rate, rows, breakdown, summary, args, wall_s
                   "| layer | dtype | layout | local_stats | finalize_normalize | backward_reduce_affine "
                   "| backward_elemt |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for b in breakdown:
+        for (shape, dname, lname), by_pass in passes.items():
             cells = []
             for name in PASSES:
-                p = b["passes"][name]
-                frac = p["bytes_per_s"] / copy_rate if p["bytes_per_s"] else None
-                cells.append(f"{p['ms'] * 1e3:.1f} us" + (f" ({frac:.2f})" if frac is not None else ""))
-            lines.append(f"| {b['shape']} | {b['dtype']} | {b['layout']} | " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    json_path.write_text(json.dumps(
-        {"env": env, "copy_rate_bytes_per_s": copy_rate, "rows": rows, "breakdown": breakdown,
-         "summary": summary, "args": vars(args) | {"out": str(args.out)}, "wall_s": wall_s},
-        indent=1, default=str,
-    ))  # fmt: skip
-    return md_path
+                p = by_pass[name]
+                frac = p.extras["bytes_per_s"] / copy_rate
+                cells.append(f"{p.median_ms * 1e3:.1f} us ({frac:.2f})")
+            lines.append(f"| {shape} | {dname} | {lname} | " + " | ".join(cells) + " |")
+    md = write_results(
+        f"kernels-{slug(env['device'])}", env, rows, lines, out_dir,
+        copy_rate_bytes_per_s=copy_rate, cases=cases, summary=summary, args=vars(args), wall_s=wall_s,
+    )  # fmt: skip
+    return md, summary
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="four layers only")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output directory")
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--warmup", type=int, default=25, help="warm-up budget per timing, ms")
+    ap.add_argument("--rep", type=int, default=100, help="repetition budget per timing, ms")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-pass timings")
     ap.add_argument(
         "--tuning", default="", help="launch-rule overrides, e.g. tile_bytes=16384,reduce_programs_per_sm=4"
     )
     ap.add_argument("--layers", default="", help="only layers whose shape contains this text, e.g. '2048'")
+    add_output_args(ap)
     args = ap.parse_args(argv)
+    subset = " and ".join(flag for flag, on in (("--quick", args.quick), ("--layers", args.layers)) if on)
+    out = output_dir(ap, args, reduced=subset)
     if not torch.cuda.is_available():
-        sys.exit("bench_kernels.py needs a CUDA device")
+        sys.exit("benchmarks.bench_kernels needs a CUDA device")
+    # the synced path at world size 1: both all-reduces run
+    with settings.ALWAYS_SYNC.set(True):
+        run(args, out)
 
+
+def run(args, out):
     t0 = time.time()
     env = env_info()
     if args.tuning:
@@ -495,34 +538,31 @@ def main(argv=None):
     print(f"# device-to-device copy: {copy_rate / 1e12:.2f} TB/s (read + written)", flush=True)
 
     layers = [(s, n) for s, n in LAYERS if (not args.quick or s in QUICK) and args.layers in str(s)]
-    rows, breakdown = [], []
+    rows = []
     for shape, note in layers:
         for dname, dtype in DTYPES.items():
             for lname, memory_format in layouts_for(shape).items():
                 nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-                res = run_case(shape, dtype, memory_format, group, torch_sync, args.warmup, args.rep)
-                layout_kind = "channels_last" if memory_format != torch.contiguous_format else "contiguous"
-                row = make_row(str(shape), note, dname, lname, layout_kind, nbytes, res, copy_rate)
-                errs = row.get("errors")
-                rows.append(row)
+                case_rows = run_case(shape, dtype, memory_format, lname, note, group, torch_sync, args.warmup, args.rep)
+                rows += case_rows
+                case = case_summary(case_rows, copy_rate)
+                errs = case.get("errors")
                 print(
                     f"{str(shape):>22} {dname} {lname:<5} {nbytes / 2**20:7.1f} MB | syncbn "
-                    f"{fmt_ms(row.get('syncbn_fwd'))} / {fmt_ms(row.get('syncbn_fwd_bwd'))} ms | F.bn "
-                    f"{fmt_ms(row.get('bn_fwd'))} / {fmt_ms(row.get('bn_fwd_bwd'))} | torch SyncBN "
-                    f"{fmt_ms(row.get('torch_fwd'))} / {fmt_ms(row.get('torch_fwd_bwd'))} | floor "
-                    f"{fmt(row.get('floor_fwd'), 2)} / {fmt(row.get('floor_fwd_bwd'), 2)} | graph f+b "
-                    f"{fmt_ms(row.get('syncbn_graph_fwd_bwd'))} | host {fmt(row.get('syncbn_host_us'), 0)} us"
-                    + (f" | ERR {row['errors'][:120]}" if errs else ""),
+                    f"{fmt_ms(case.get('syncbn_fwd'))} / {fmt_ms(case.get('syncbn_fwd_bwd'))} ms | F.bn "
+                    f"{fmt_ms(case.get('bn_fwd'))} / {fmt_ms(case.get('bn_fwd_bwd'))} | torch SyncBN "
+                    f"{fmt_ms(case.get('torch_fwd'))} / {fmt_ms(case.get('torch_fwd_bwd'))} | floor "
+                    f"{fmt(case.get('floor_fwd'), 2)} / {fmt(case.get('floor_fwd_bwd'), 2)} | graph f+b "
+                    f"{fmt_ms(case.get('syncbn_graph_fwd_bwd'))} | host {fmt(case.get('syncbn_host_us'), 0)} us"
+                    + (f" | ERR {errs[:120]}" if errs else ""),
                     flush=True,
                 )
                 if nbytes >= BIG and not args.no_breakdown:
-                    passes = run_breakdown(shape, dtype, memory_format, args.warmup // 2, args.rep // 2)
-                    breakdown.append({"shape": str(shape), "dtype": dname, "layout": lname, "passes": passes})
+                    rows += run_breakdown(shape, dtype, memory_format, lname, args.warmup // 2, args.rep // 2)
                 torch.cuda.empty_cache()
 
-    summary = summarize(rows)
     wall_s = time.time() - t0
-    md = write_report(args.out, env, copy_rate, rows, breakdown, summary, args, wall_s)
+    md, summary = write_report(out, env, copy_rate, rows, args, wall_s)
     print(f"\n# wrote {md} ({wall_s:.0f} s)")
     for name, value, goal, ok in summary["targets"]:
         print(f"# target {'MET   ' if ok else 'MISSED'} {name}: {fmt(value, 2)} (goal {goal})")

@@ -1,6 +1,8 @@
 """Training-step time with three BatchNorm choices: syncbn, torch.nn.SyncBatchNorm, plain BatchNorm.
 
-    python benchmarks/bench_train.py            # GPU: ResNet-50; CPU: a small CNN on 2 gloo ranks
+    python -m benchmarks.bench_train [--quick]     # GPU: ResNet-50; CPU: a small CNN on 2 gloo ranks
+    python -m benchmarks.bench_train --save        # a full run, into benchmarks/results/
+    python -m benchmarks.bench_train --smoke       # the GPU benchmark's code on CPU at toy size
 
 GPU (one device): a ResNet-50 (torchvision's when installed, else the one below, same layers)
 trained with SGD, at batch 64 with bf16 autocast and channels_last, and at batch 32 in float32.
@@ -9,25 +11,22 @@ BatchNorm choices: ``syncbn`` on its synced path (a 1-process NCCL group with
 ``SYNCBN_TRITON_FAST_LAUNCH=1`` (compiled kernels relaunched directly; ``--no-fast-launch``
 leaves it out), torch's SyncBN synced path (its autograd Function forced at world size 1, where
 ``torch.nn.SyncBatchNorm`` itself would skip it), and plain ``nn.BatchNorm2d``. Step time: CUDA
-events around blocks of steps, median over blocks, the blocks of the choices interleaved.
-``--smoke`` runs this code on CPU at toy size (tests/test_benchmarks.py does).
+events around blocks of steps, median over blocks, the blocks of the choices interleaved (so
+that clock and thermal drift fall on all of them alike). ``--smoke`` runs this code on CPU at
+toy size (tests/test_benchmarks.py does).
 
 CPU: a small CNN on 2 gloo processes (one thread each), batch 16 per rank, syncbn against
 local ``nn.BatchNorm2d`` (what synchronization costs on a CPU cluster).
 
-Writes ``benchmarks/results/train-<device>.{json,md,png}``.
+Writes ``train-<device>.{json,md,png}`` to benchmarks/results/scratch/ (``--out``: elsewhere;
+``--save``: benchmarks/results/, full runs only).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import re
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,19 +34,25 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import syncbn  # noqa: E402
+import syncbn
 from benchmarks.common import (
-    FAST_LAUNCH_ENV,
-    RESULTS,
-    fast_launch,
+    Row,
+    add_count_args,
+    add_output_args,
+    device_name,
+    fill_counts,
     meta,
     meta_line,
+    output_dir,
     run_world,
     save_figure,
     slowest_rank,
+    slug,
+    time_calls,
+    time_interleaved,
     write_results,
-)  # noqa: E402
+)
+from syncbn import settings
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -164,12 +169,16 @@ HEADERS = {"batchnorm": "BatchNorm2d", "syncbn": "syncbn", "syncbn-fast-launch":
            "torch-syncbn": "torch SyncBN path"}  # fmt: skip
 
 
-def gpu_step_times(
+def config_label(batch: int, bf16: bool) -> str:
+    return f"batch {batch}, " + ("bf16 autocast, channels_last" if bf16 else "float32")
+
+
+def gpu_step_rows(
     batch: int, bf16: bool, choices: tuple[str, ...], args: argparse.Namespace, device: torch.device, image: int = 224
-) -> dict[str, float]:
-    """Median ms per training step of each choice; timed blocks interleaved across the choices,
-    so that clock and thermal drift fall on all of them alike. (``device`` is the CPU only in
-    the ``--smoke`` run that tests this code.)"""
+) -> list[Row]:
+    """Ms per training step of each choice; timed blocks interleaved across the choices, so that
+    clock and thermal drift fall on all of them alike. (``device`` is the CPU only in the
+    ``--smoke`` run that tests this code.)"""
     fmt = torch.channels_last if bf16 else torch.contiguous_format
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 3, image, image, device=device, generator=gen).contiguous(memory_format=fmt)
@@ -181,35 +190,30 @@ def gpu_step_times(
         model = model.to(device, memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         steps[choice] = functools.partial(train_step, model, opt, x, target, bf16)
-        with fast_launch(choice == "syncbn-fast-launch"):
-            for _ in range(args.warmup):  # compiles syncbn's kernels for every layer shape
-                steps[choice]()
-    cuda = device.type == "cuda"
-    times: dict[str, list[float]] = {c: [] for c in choices}
-    for _ in range(args.blocks):
-        for choice in choices:
-            with fast_launch(choice == "syncbn-fast-launch"):
-                if cuda:
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    steps[choice]()
-                if cuda:
-                    end.record()
-                    end.synchronize()
-                    ms = start.elapsed_time(end)
-                else:
-                    ms = (time.perf_counter() - t0) * 1e3
-            times[choice].append(ms / args.steps)
-    return {c: statistics.median(v) for c, v in times.items()}
+    # The warm-up compiles syncbn's kernels for every layer shape.
+    times = time_interleaved(
+        steps, rounds=args.blocks, iters=args.steps, warmup=args.warmup, device=device,
+        context=lambda choice: settings.TRITON_FAST_LAUNCH.set(choice == "syncbn-fast-launch"),
+    )  # fmt: skip
+    return [
+        Row.measured(
+            t, choice, "training step", shape=x.shape, dtype="bfloat16 autocast" if bf16 else "float32",
+            layout="channels_last" if bf16 else "contiguous", device=device_name(device), model="ResNet-50",
+            config=config_label(batch, bf16), steps_per_block=args.steps, blocks=args.blocks,
+        )
+        for choice, t in times.items()
+    ]  # fmt: skip
 
 
-def run_gpu(args: argparse.Namespace) -> None:
+def step_table(rows: list[Row]) -> list[dict]:
+    """One dict per config: ``{"config": ..., choice: median ms per step, ...}``."""
+    configs = list(dict.fromkeys(r.extras["config"] for r in rows))
+    return [{"config": c, **{r.provider: r.median_ms for r in rows if r.extras["config"] == c}} for c in configs]
+
+
+def run_gpu(args: argparse.Namespace, out: Path) -> None:
     """The ResNet-50 comparison on one GPU; with ``--smoke``, the same code on the CPU at toy
     size (2 images of 32x32, gloo, without torch's SyncBN path: it has no CPU kernels)."""
-    os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
     tmp = tempfile.mkdtemp()
     device = torch.device("cpu" if args.smoke else "cuda")
     dist.init_process_group("gloo" if args.smoke else "nccl", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
@@ -221,30 +225,33 @@ def run_gpu(args: argparse.Namespace) -> None:
     image = 32 if args.smoke else 224
     rows = []
     for i, (batch, bf16) in enumerate(configs, 1):
-        label = f"batch {batch}, " + ("bf16 autocast, channels_last" if bf16 else "float32")
-        print(f"[{i}/{len(configs)}] {label}: {', '.join(choices)} ...", flush=True)
-        row = {"config": label, **gpu_step_times(batch, bf16, choices, args, device, image)}
+        print(f"[{i}/{len(configs)}] {config_label(batch, bf16)}: {', '.join(choices)} ...", flush=True)
+        # the synced path at world size 1: both collectives per layer run
+        with settings.ALWAYS_SYNC.set(True):
+            config_rows = gpu_step_rows(batch, bf16, choices, args, device, image)
+        ms = {r.provider: r.median_ms for r in config_rows}
         for choice in choices:
             print(
-                f"    {choice:<20} {row[choice]:8.2f} ms/step  ({row[choice] / row['batchnorm']:.3f}x BatchNorm2d)",
+                f"    {choice:<20} {ms[choice]:8.2f} ms/step  ({ms[choice] / ms['batchnorm']:.3f}x BatchNorm2d)",
                 flush=True,
             )
-        rows.append(row)
+        rows += config_rows
     dist.destroy_process_group()
-    device_name = "smoke test on CPU" if args.smoke else torch.cuda.get_device_name()
-    name = "train-" + re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    m = meta(triton=_triton_version(), cuda=torch.version.cuda)
+    name_of_device = "smoke test on CPU" if args.smoke else torch.cuda.get_device_name()
+    name = f"train-{slug(name_of_device)}"
+    m = meta()
     others = [c for c in choices if c != "batchnorm"]
     lines = [
-        f"# ResNet-50 training step on {device_name}",
+        f"# ResNet-50 training step on {name_of_device}",
         "",
-        f"{meta_line(m)} CUDA {m['cuda']}, Triton {m['triton']}. Reproduce: `python benchmarks/bench_train.py`.",
+        f"{meta_line(m)} CUDA {m['cuda']}, Triton {m['triton']}. Reproduce: `python -m benchmarks.bench_train --save`.",
         "",
         f"SGD step (forward, backward, optimizer) of a ResNet-50 at {image}x{image}, median ms per step "
         f"over {args.blocks} blocks of {args.steps} steps, blocks interleaved across the choices. "
         "syncbn and torch SyncBN run their synced paths at world size 1 (both collectives per "
         'layer, NCCL); BatchNorm2d is plain nn.BatchNorm2d; "fast launch" is syncbn with '
-        f"`{FAST_LAUNCH_ENV}=1`. Targets: syncbn within 5% of BatchNorm2d, and faster than it in bf16.",
+        f"`{settings.TRITON_FAST_LAUNCH.name}=1`. Targets: syncbn within 5% of BatchNorm2d, and faster than it "
+        "in bf16.",
         "",
         "| config | "
         + " | ".join(f"{HEADERS[c]} (ms)" for c in choices)
@@ -253,35 +260,28 @@ def run_gpu(args: argparse.Namespace) -> None:
         + " |",
         "|---" * (1 + len(choices) + len(others)) + "|",
     ]
+    table = step_table(rows)
     lines += [
         f"| {r['config']} | "
         + " | ".join(f"{r[c]:.2f}" for c in choices)
         + " | "
         + " | ".join(f"{r[c] / r['batchnorm']:.3f}x" for c in others)
         + " |"
-        for r in rows
+        for r in table
     ]
     lines.append(f"\n![step time]({name}.png)")
-    write_results(name, m, rows, lines, args.out)
-    plot(rows, choices, args.out / f"{name}.png", "ms per step", meta_line(m))
-    print(f"wrote {args.out / (name + '.md')}")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
+    md = write_results(name, m, rows, lines, out)
+    plot(table, choices, out / f"{name}.png", "ms per step", meta_line(m))
+    print(f"wrote {md}")
 
 
 # ---------------------------------------------------------------------------------------------
 # CPU: a small CNN on 2 gloo ranks
 
 
-def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
-    results = {}
+def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
+    config = f"small CNN, 32x32, batch {args.cpu_batch} per rank, {world} gloo ranks"
+    rows = []
     for choice in ("batchnorm", "syncbn"):
         torch.manual_seed(0)
         model = with_bn(small_cnn(), choice)
@@ -290,36 +290,33 @@ def _cpu_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(args.cpu_batch, 3, 32, 32, generator=gen)
         target = torch.randint(0, 10, (args.cpu_batch,), generator=gen)
-
-        def step() -> None:
-            train_step(model, opt, x, target)
-
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.blocks):
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times.append((time.perf_counter() - start) / args.steps * 1e3)
-        results[choice] = statistics.median(times)
-    return slowest_rank([results])[0]
+        t = time_calls(
+            functools.partial(train_step, model, opt, x, target),
+            warmup=args.warmup, reps=args.blocks, iters=args.steps, barrier=dist.barrier,
+        )  # fmt: skip
+        rows.append(
+            Row.measured(
+                t, choice, "training step", shape=x.shape, dtype="float32", layout="contiguous", device="cpu",
+                model="small CNN", config=config, world_size=world, threads_per_rank=1,
+                steps_per_block=args.steps, blocks=args.blocks,
+            )
+        )  # fmt: skip
+    return slowest_rank(rows)
 
 
-def run_cpu(args: argparse.Namespace) -> None:
+def run_cpu(args: argparse.Namespace, out: Path) -> None:
     world = 2
-    times = run_world(world, _cpu_rank, args)
-    row = {"config": f"small CNN, 32x32, batch {args.cpu_batch} per rank, {world} gloo ranks", **times}
+    rows = run_world(world, _cpu_rank, args)
+    (row,) = step_table(rows)
     print(
-        f"{row['config']}: BatchNorm2d {times['batchnorm']:.2f} ms, syncbn {times['syncbn']:.2f} ms per step",
+        f"{row['config']}: BatchNorm2d {row['batchnorm']:.2f} ms, syncbn {row['syncbn']:.2f} ms per step",
         flush=True,
     )
     m = meta(world_size=world, threads_per_rank=1)
     lines = [
         "# Training step on CPU: syncbn vs local BatchNorm, 2 gloo ranks",
         "",
-        f"{meta_line(m)} Reproduce: `python benchmarks/bench_train.py --cpu`.",
+        f"{meta_line(m)} Reproduce: `python -m benchmarks.bench_train --cpu --save`.",
         "",
         "DDP training step (forward, backward with gradient all-reduce, SGD) of a 4-conv CNN "
         "(4 BatchNorm layers) on 32x32 images; one thread per rank; slower rank's median ms per "
@@ -327,14 +324,13 @@ def run_cpu(args: argparse.Namespace) -> None:
         "",
         "| config | BatchNorm2d, local (ms) | syncbn (ms) | syncbn / BatchNorm |",
         "|---|---|---|---|",
-        f"| {row['config']} | {times['batchnorm']:.2f} | {times['syncbn']:.2f} "
-        f"| {times['syncbn'] / times['batchnorm']:.2f}x |",
+        f"| {row['config']} | {row['batchnorm']:.2f} | {row['syncbn']:.2f} | {row['syncbn'] / row['batchnorm']:.2f}x |",
         "",
         "![step time](train-cpu.png)",
     ]
-    write_results("train-cpu", m, [row], lines, args.out)
-    plot([row], ("batchnorm", "syncbn"), args.out / "train-cpu.png", "ms per step", meta_line(m))
-    print(f"wrote {args.out / 'train-cpu.md'}")
+    md = write_results("train-cpu", m, rows, lines, out)
+    plot([row], ("batchnorm", "syncbn"), out / "train-cpu.png", "ms per step", meta_line(m))
+    print(f"wrote {md}")
 
 
 def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, title: str) -> None:
@@ -356,23 +352,31 @@ def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, ti
     save_figure(fig, path)
 
 
+# repetitions: warm-up steps, steps per timed block, blocks
+FULL = {"warmup": 3, "steps": 8, "blocks": 4}
+QUICK = {"warmup": 1, "steps": 2, "blocks": 2}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="the CPU benchmark even when CUDA is present")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--blocks", type=int, default=4)
+    add_count_args(parser, FULL, QUICK)
     parser.add_argument(
         "--no-fast-launch", action="store_true", help="GPU: leave out syncbn with SYNCBN_TRITON_FAST_LAUNCH=1"
     )
-    parser.add_argument("--smoke", action="store_true", help="the GPU benchmark's code on CPU at toy size (for tests)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="the GPU benchmark's code on CPU at toy size (for tests; --quick counts)"
+    )
     parser.add_argument("--cpu-batch", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_args(parser)
     args = parser.parse_args()
+    reduced = " and ".join(flag for flag, on in (("--quick", args.quick), ("--smoke", args.smoke)) if on)
+    out = output_dir(parser, args, reduced)
+    fill_counts(args, FULL, QUICK, bool(reduced))
     if args.smoke or (torch.cuda.is_available() and not args.cpu):
-        run_gpu(args)
+        run_gpu(args, out)
     else:
-        run_cpu(args)
+        run_cpu(args, out)
 
 
 if __name__ == "__main__":

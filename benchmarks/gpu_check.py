@@ -1,11 +1,11 @@
 """The one script to run on a GPU machine: versions, GPU tests, kernel benchmark, a summary last.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py          # from the repository root
+    python -m benchmarks.gpu_check                     # from the repository root
+    PYTHONPATH=. python benchmarks/gpu_check.py        # the same
+    python -m benchmarks.gpu_check --only tests,train  # a subset of the steps
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --only tests,train   # a subset of the steps
-
-Steps, each a subprocess with its own timeout inside a total budget (GPU_CHECK_BUDGET_S, 570 s
-by default), so one hang cannot eat the lease:
+Steps, each a subprocess with its own timeout inside a total budget (``GPU_CHECK_BUDGET_S``,
+570 s by default), so one hang cannot eat the lease:
 
 1. device and versions (nvidia-smi, torch, CUDA, Triton, cuDNN);
 2. ``tests``: ``pytest tests/test_cuda.py tests/test_triton_ops.py`` (with CUDA present the
@@ -14,14 +14,14 @@ by default), so one hang cannot eat the lease:
 3. ``layer``: ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``
    with ``SYNCBN_TRITON_FAST_LAUNCH=1``: the oracle and contract tests on CUDA tensors, 1 to 4
    processes sharing the GPU over gloo, through the fast launch path;
-4. ``host``: ``benchmarks/host_overhead.py``, host time per call of the layer and its pieces;
-5. ``train``: ``benchmarks/bench_train.py``, the ResNet-50 training step, four BatchNorm choices
+4. ``host``: ``benchmarks.host_overhead``, host time per call of the layer and its pieces;
+5. ``train``: ``benchmarks.bench_train``, the ResNet-50 training step, four BatchNorm choices
    (``--no-fast-launch`` when a test of steps 2-3 failed);
-6. ``kernels``: ``benchmarks/bench_kernels.py`` (``--quick`` when less than 200 s remain).
+6. ``kernels``: ``benchmarks.bench_kernels`` (``--quick`` when less than 200 s remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
-set, else benchmarks/results/gpu_check), packed into ``$OUT/logs.tar.gz`` at the end under a
-lease (at most 8 files come back); the assertion lines of failed tests go to
+set, else benchmarks/results/scratch/gpu_check), packed into ``$OUT/logs.tar.gz`` at the end
+under a lease (at most 8 files come back); the assertion lines of failed tests go to
 ``$OUT/failures.txt``; the benchmarks' results to ``$OUT/results``. The summary (step results,
 failed tests, the benchmark tables and their targets) is printed last.
 Nothing is installed: it uses the machine's python, torch, Triton and pytest.
@@ -42,7 +42,11 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, SCRATCH
+from syncbn import settings
+
+# Seconds for all the steps together: a 600 s lease less the time to start and to pack the
+# results. A benchmark-local knob, read here only.
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "570"))
 STEPS = ("tests", "layer", "host", "train", "kernels")
 START = time.time()
@@ -53,11 +57,21 @@ def remaining() -> float:
 
 
 def out_dirs() -> tuple[Path, Path]:
-    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results" / "gpu_check"
+    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else SCRATCH / "gpu_check"
     logs, results = base / "logs", base / "results"
     logs.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     return logs, results
+
+
+def step_env() -> dict[str, str]:
+    """A step's environment: this one, with the repository on PYTHONPATH, the compiled kernels
+    (not Triton's interpreter) and syncbn's default backend."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop(settings.BACKEND.name, None)
+    return env
 
 
 def run_step(name: str, cmd: list[str], timeout: float, log_dir: Path, env: dict | None = None) -> dict:
@@ -150,7 +164,7 @@ def bench_table(results_dir: Path) -> list[str]:
         f"{'layer':<20} {'dt':<4} {'lay':<5} {'MB':>6} {'fwd ms':>8} {'f+b ms':>8} {'flr f':>5} {'flr fb':>6} "
         f"{'xBN f':>6} {'xBN fb':>6} {'xTS fb':>6} {'graph fb':>8} {'host us':>7} {'fast fb':>8} {'host fast':>9}",
     ]
-    for r in data["rows"]:
+    for r in data["cases"]:
         out.append(
             f"{r['shape']:<20} {r['dtype']:<4} {r['layout']:<5} {r['bytes'] / 2**20:6.1f} "
             f"{g(r.get('syncbn_fwd')):>8} {g(r.get('syncbn_fwd_bwd')):>8} {f(r.get('floor_fwd')):>5} "
@@ -166,16 +180,17 @@ def bench_table(results_dir: Path) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--only", default=",".join(STEPS), help=f"a comma-separated subset of {','.join(STEPS)}")
     only = set(ap.parse_args().only.split(","))
     if not only <= set(STEPS):
         ap.error(f"--only takes a comma-separated subset of {','.join(STEPS)}")
     log_dir, results_dir = out_dirs()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.pop("TRITON_INTERPRET", None)  # the compiled kernels, not the interpreter
-    env.pop("SYNCBN_BACKEND", None)
+    env = step_env()
 
     print("===== versions =====", flush=True)
     ver = versions()
@@ -195,25 +210,25 @@ def main() -> int:
             min(210, remaining() - 300), log_dir, env,
         ))  # fmt: skip
     if "layer" in only:
-        layer_env = dict(env, SYNCBN_TEST_DEVICE="cuda", SYNCBN_TRITON_FAST_LAUNCH="1")
-        steps.append(run_step(
-            "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
-            min(120, remaining() - 240), log_dir, layer_env,
-        ))  # fmt: skip
+        with settings.TEST_DEVICE.set("cuda"), settings.TRITON_FAST_LAUNCH.set(True):
+            steps.append(run_step(
+                "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
+                min(120, remaining() - 240), log_dir, step_env(),
+            ))  # fmt: skip
     if "host" in only:
         steps.append(run_step(
-            "host_overhead", [sys.executable, "benchmarks/host_overhead.py", "--out", str(results_dir)],
+            "host_overhead", [sys.executable, "-m", "benchmarks.host_overhead", "--out", str(results_dir)],
             min(45, remaining() - 200), log_dir, env,
         ))  # fmt: skip
     tests_failed = any(s["name"].startswith("pytest") and s["status"] != "OK" for s in steps)
     if "train" in only:
-        train = [sys.executable, "benchmarks/bench_train.py", "--out", str(results_dir)]
+        train = [sys.executable, "-m", "benchmarks.bench_train", "--out", str(results_dir)]
         if tests_failed:
             train.append("--no-fast-launch")
         steps.append(run_step("bench_train", train, min(200, remaining() - 45), log_dir, env))
     if "kernels" in only:
         if remaining() > 60:
-            bench = [sys.executable, "benchmarks/bench_kernels.py", "--out", str(results_dir)]
+            bench = [sys.executable, "-m", "benchmarks.bench_kernels", "--out", str(results_dir)]
             if remaining() < 200:
                 bench.append("--quick")
             steps.append(run_step("bench_kernels", bench, remaining() - 10, log_dir, env))

@@ -1,12 +1,14 @@
 """Host (CPU) time per call of the layer and of each of its pieces: where eager time goes.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--out DIR]
+    python -m benchmarks.host_overhead [--shape 8,64,8,8]   # results in benchmarks/results/scratch/
+    python -m benchmarks.host_overhead --save               # into benchmarks/results/
 
 On a layer small enough that the device is never the bottleneck, each figure is the host time
-per call (mean over many calls, the clock read before the final synchronize), which is what
-bounds eager speed on small and mid-sized layers. Also a cProfile of the layer's
-forward+backward, top functions by own time. On a GPU the synced path uses a 1-process NCCL
-group with SYNCBN_ALWAYS_SYNC=1; on CPU a 1-process gloo group.
+per call (median over samples of 20 calls, the clock read before the device finishes), which
+is what bounds eager speed on small and mid-sized layers. Also a cProfile of the layer's
+forward+backward, top functions by own time, and torch.profiler's ops of every thread. On a
+GPU the synced path uses a 1-process NCCL group with SYNCBN_ALWAYS_SYNC=1; on CPU a 1-process
+gloo group. Writes ``host-overhead-<device>.txt``.
 """
 
 from __future__ import annotations
@@ -14,48 +16,30 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import syncbn  # noqa: E402
-from benchmarks.common import fast_launch  # noqa: E402
-from syncbn.ops import backend_for  # noqa: E402
+import syncbn
+from benchmarks.common import add_output_args, output_dir, slug, time_calls, today
+from syncbn import settings
+from syncbn.ops import backend_for
 
 
-def host_us(fn, calls: int = 200, device: torch.device | None = None) -> float:
-    for _ in range(20):
-        fn()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+def host_us(fn, device: torch.device | None = None) -> float:
+    """Median host time per call in us (samples of 20 calls: the device queue never fills)."""
+    return time_calls(fn, warmup=20, reps=10, iters=20, device=device, clock="host").median * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--shape", default="8,64,8,8")
-    args = parser.parse_args()
+def report(shape: tuple[int, ...]) -> tuple[str, str]:
+    """(the device's name, the report) for a layer of ``shape``."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    os.environ["SYNCBN_ALWAYS_SYNC"] = "1"
     tmp = tempfile.mkdtemp()
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
-    shape = tuple(int(v) for v in args.shape.split(","))
     dtype = torch.bfloat16 if cuda else torch.float32
     channels = shape[1]
     x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
@@ -160,7 +144,7 @@ def main() -> None:
         ("  check_input", host_us(lambda: syncbn.functional.check_input(x, channels))),
     ]
     # The same with the fast launch path (compiled kernels relaunched directly; CUDA only).
-    with fast_launch():
+    with settings.TRITON_FAST_LAUNCH.set(True):
         rows += [
             ("fast launch: syncbn fwd", host_us(syncbn_fwd, device=device)),
             ("fast launch: syncbn fwd+bwd", host_us(syncbn_fwd_bwd, device=device)),
@@ -184,16 +168,30 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
     header = (
-        f"# host time per call, {device_name}, torch {torch.__version__}, shape {shape} {dtype}, backend {ops.__name__}"
+        f"# host time per call, {device_name}, torch {torch.__version__}, syncbn {syncbn.__version__}, {today()}, "
+        f"shape {shape} {dtype}, backend {ops.__name__}"
     )
     table = "\n".join([header] + [f"{name:<55} {us:9.1f} us" for name, us in rows])
+    dist.destroy_process_group()
     print(text.getvalue())
     print(op_table)
     print(table, flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "host_overhead.txt").write_text(table + "\n\n" + op_table + "\n\n" + text.getvalue())
-    dist.destroy_process_group()
+    return device_name, table + "\n\n" + op_table + "\n\n" + text.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="8,64,8,8", help="the layer's input shape (default 8,64,8,8)")
+    add_output_args(parser)
+    args = parser.parse_args()
+    out = output_dir(parser, args)
+    # the synced path at world size 1: both collectives run
+    with settings.ALWAYS_SYNC.set(True):
+        device_name, text = report(tuple(int(v) for v in args.shape.split(",")))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"host-overhead-{slug(device_name)}.txt"
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     syncbn verify --nproc 8 --backend nccl
     torchrun --nproc-per-node 8 -m syncbn verify     # or join the world torchrun set up
     syncbn bench [--quick]               # the benchmarks that fit this machine (source checkout)
+    syncbn bench --save                  # a full run, replacing the committed benchmarks/results/
 
 ``verify`` is the command to run first on a new machine or cluster: it prints a PASS/FAIL table
 and exits non-zero on any failure, on a rank that crashes, and on a hang (``--timeout``).
@@ -124,18 +125,10 @@ def verify(nproc: int | None, backend: str, timeout: float) -> int:
     return verify_mod.run_local(2 if nproc is None else nproc, backend, timeout)
 
 
-# (script, arguments, arguments with --quick) per machine kind; each writes benchmarks/results/.
+# (module in benchmarks/, arguments) per machine kind; --quick, --save and --out are passed on.
 BENCHMARKS = {
-    "cpu": [
-        ("bench_cpu.py", [], ["--rounds", "5", "--iters", "5"]),
-        ("bench_comm.py", [], ["--rounds", "3", "--iters", "5"]),
-        ("bench_train.py", ["--cpu"], ["--cpu", "--blocks", "2", "--steps", "3"]),
-    ],
-    "gpu": [
-        ("bench_kernels.py", [], ["--quick"]),
-        ("bench_train.py", [], ["--blocks", "2", "--steps", "5"]),
-        ("bench_comm.py", [], ["--rounds", "3", "--iters", "5"]),
-    ],
+    "cpu": [("bench_cpu", []), ("bench_comm", []), ("bench_train", ["--cpu"])],
+    "gpu": [("bench_kernels", []), ("bench_train", []), ("bench_comm", [])],
 }
 
 
@@ -144,11 +137,13 @@ def _progress(done: int, total: int, label: str, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
 
 
-def bench(quick: bool, out: str | None, timeout: float) -> int:
+def bench(quick: bool, save: bool, out: str | None, timeout: float) -> int:
     """Run the repository's benchmarks that fit this machine, one subprocess each, with progress.
 
-    The benchmarks live in the source tree (``benchmarks/``), not in the installed package: this
-    works from a checkout installed with ``pip install -e .``.
+    Results go to a scratch folder (benchmarks/results/scratch/, git-ignored) or ``out``; only a
+    full run with ``save`` replaces the committed ones in benchmarks/results/. The benchmarks
+    live in the source tree (``benchmarks/``), not in the installed package: this works from a
+    checkout installed with ``pip install -e .``.
     """
     import subprocess
     import time
@@ -156,7 +151,8 @@ def bench(quick: bool, out: str | None, timeout: float) -> int:
 
     import torch
 
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    repo = Path(__file__).resolve().parents[1]
+    bench_dir = repo / "benchmarks"
     if not (bench_dir / "common.py").exists():
         print(
             f"syncbn bench: no benchmarks/ folder next to the package ({bench_dir}); run it from "
@@ -164,31 +160,45 @@ def bench(quick: bool, out: str | None, timeout: float) -> int:
             file=sys.stderr,
         )
         return 2
+    if quick and save:
+        print(
+            "syncbn bench: --save replaces the committed results and needs a full run; drop --quick "
+            "(without --save, results go to benchmarks/results/scratch/)",
+            file=sys.stderr,
+        )
+        return 2
+    # the benchmarks' own folders (benchmarks.common.RESULTS and SCRATCH)
+    if out:
+        results = Path(out).resolve()
+    elif save:
+        results = bench_dir / "results"
+    else:
+        results = bench_dir / "results" / "scratch"
     kind = "gpu" if torch.cuda.is_available() else "cpu"
     plan = BENCHMARKS[kind]
     print(
         f"syncbn bench: {len(plan)} benchmarks for this {kind.upper()} machine"
-        f"{' (quick)' if quick else ''}; results in {out or bench_dir / 'results'}",
+        f"{' (quick)' if quick else ''}; results in {results}",
         flush=True,
     )
     failed = []
-    for i, (script, full_args, quick_args) in enumerate(plan):
-        cmd = [sys.executable, str(bench_dir / script), *(quick_args if quick else full_args)]
-        if out:
-            cmd += ["--out", out]
-        print(_progress(i, len(plan), f"running {script} ..."), flush=True)
+    for i, (name, args) in enumerate(plan):
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", *args, *(["--quick"] if quick else [])]
+        cmd += ["--save"] if save else ["--out", str(results)]
+        print(_progress(i, len(plan), f"running benchmarks.{name} ..."), flush=True)
         start = time.time()
         try:
-            proc = subprocess.run(cmd, cwd=bench_dir.parent, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
             ok, tail = proc.returncode == 0, (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         except subprocess.TimeoutExpired:
             ok, tail = False, [f"timed out after {timeout:.0f} s"]
         status = "done" if ok else "FAILED"
-        print(_progress(i + 1, len(plan), f"{script} {status} in {time.time() - start:.0f} s"), flush=True)
+        print(_progress(i + 1, len(plan), f"benchmarks.{name} {status} in {time.time() - start:.0f} s"), flush=True)
         for line in tail:
             print(f"    {line}")
         if not ok:
-            failed.append(script)
+            failed.append(name)
+    print(f"syncbn bench: results in {results}", flush=True)
     if failed:
         print(f"syncbn bench: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -223,20 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p = commands.add_parser(
         "bench",
-        help="run the benchmarks that fit this machine (CPU or GPU), writing benchmarks/results/",
+        help="run the benchmarks that fit this machine (CPU or GPU); results to benchmarks/results/scratch/",
         description="Run the repository's benchmarks for this machine: on CPU the layer at world size 2 "
         "(bench_cpu), communication (bench_comm) and a training step (bench_train --cpu); on a GPU the "
-        "kernels (bench_kernels), ResNet-50 training steps (bench_train) and communication. Needs a "
-        "source checkout (pip install -e .).",
+        "kernels (bench_kernels), ResNet-50 training steps (bench_train) and communication. Results "
+        "go to benchmarks/results/scratch/ (git-ignored); only a full run with --save replaces the "
+        "committed benchmarks/results/. Needs a source checkout (pip install -e .).",
     )
     p.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not numbers to quote")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--save", action="store_true", help="a full run: replace the committed benchmarks/results/")
+    where.add_argument("--out", default=None, help="results folder (default benchmarks/results/scratch/)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per benchmark (default 1800)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "bench":
-        return bench(args.quick, args.out, args.timeout)
+        return bench(args.quick, args.save, args.out, args.timeout)
     return verify(args.nproc, args.backend, args.timeout)
 
 

@@ -1,9 +1,11 @@
 """The ``syncbn`` command: ``info`` and ``verify``, as a new user runs them, and verify's
-failure paths (a wrong layer, a crashing rank, a hung rank) giving FAIL and a non-zero exit.
+failure paths (a wrong layer, a crashing rank, a hung rank) giving FAIL and a non-zero exit;
+``bench``'s smoke run, which must leave the committed results alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -129,3 +131,39 @@ def _failed_checks_worker(rank, world, port, backend, timeout_s):
 
 def test_run_local_exits_non_zero_when_a_check_failed():
     assert verify.run_local(2, "gloo", timeout_s=60, worker=_failed_checks_worker) == 1
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+RESULTS = procs.ROOT / "benchmarks" / "results"
+
+
+def _committed_results() -> dict[str, str]:
+    """sha256 of every file in benchmarks/results/ outside the scratch folder."""
+    return {
+        str(path.relative_to(RESULTS)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(RESULTS.rglob("*"))
+        if path.is_file() and "scratch" not in path.relative_to(RESULTS).parts
+    }
+
+
+def test_bench_quick_leaves_the_committed_results_untouched():
+    """A smoke run writes to the scratch folder and says so; benchmarks/results/ stays byte for byte."""
+    before = _committed_results()
+    assert before, "no committed results to protect"
+    start = time.time()
+    result = procs.python("-m", "syncbn", "bench", "--quick", timeout=600)
+    assert result.returncode == 0, result.stdout
+    assert _committed_results() == before
+    scratch = RESULTS / "scratch"
+    assert f"results in {scratch}" in result.stdout
+    assert result.stdout.count("done in") == 3, result.stdout  # a progress line per benchmark
+    for name in ("cpu.json", "comm.json", "train-cpu.json"):
+        assert (scratch / name).stat().st_mtime >= start, name
+
+
+def test_bench_refuses_to_save_a_quick_run():
+    result = procs.python("-m", "syncbn", "bench", "--quick", "--save", timeout=120)
+    assert result.returncode == 2, result.stdout
+    assert "--save replaces the committed results and needs a full run; drop --quick" in result.stdout
+    assert "running" not in result.stdout  # refused before any benchmark started
