@@ -30,7 +30,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from benchmarks.bench_kernels import DTYPES, LAYERS, QUICK, layouts_for
+from syncbn.ops import launch_plan
 from syncbn.ops import triton as K
+from syncbn.passes import RunningStats
 
 KERNELS = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel",
            "_elemt_ncs_kernel", "_elemt_mc_kernel"]  # fmt: skip
@@ -63,15 +65,19 @@ def record_layer(shape, dtype, memory_format, variants=False):
         # What the layer launches: statistics, fused finalize + normalize, backward reduce with
         # the weight and bias gradients, input gradient.
         stats = K.local_stats(x)
-        _, mean, invstd = K.finalize_normalize(x, stats, 1e-5, w, b, *running, 0.1)
-        sums, _, _ = K.backward_reduce_affine(torch.empty_like(x), x, mean, invstd, torch.float32, torch.float32)
+        _, mean, invstd = K.finalize_normalize(
+            x, stats, eps=1e-5, weight=w, bias=b, running=RunningStats(*running, 0.1)
+        )
+        sums, _, _ = K.backward_reduce_affine(
+            torch.empty_like(x), x, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.float32
+        )
         K.backward_elemt(torch.empty_like(x), x, mean, invstd, w, sums, count)
         if variants:  # the other constexpr branches: tensor momentum, no buffers, no affine
-            K.finalize_normalize(x, stats, 1e-5, w, b, *running, count)
-            K.finalize_normalize(x, stats, 1e-5, None, None, None, None, 0.1)
-            K.backward_reduce_affine(torch.empty_like(x), x, mean, invstd, None, None)
+            K.finalize_normalize(x, stats, eps=1e-5, weight=w, bias=b, running=RunningStats(*running, count))
+            K.finalize_normalize(x, stats, eps=1e-5, weight=None, bias=None, running=None)
+            K.backward_reduce_affine(torch.empty_like(x), x, mean, invstd, weight_dtype=None, bias_dtype=None)
             K.backward_elemt(torch.empty_like(x), x, mean, invstd, None, sums, count)
-            K.finalize(stats, 1e-5, *running, 0.1, torch.float32)  # a rank with an empty batch
+            K.finalize(stats, 1e-5, RunningStats(*running, 0.1), torch.float32)  # a rank with an empty batch
             K.normalize(x, mean, invstd, w, b)  # the separate kernels (benchmarked apart)
     finally:
         for n in KERNELS:
@@ -171,7 +177,7 @@ def main(argv=None):
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--resnet50", action="store_true", help="only count the compiles of a ResNet-50 step")
     args = ap.parse_args(argv)
-    K.TUNING = K.Tuning(sm_count=args.sms)
+    launch_plan.TUNING = launch_plan.Tuning(sm_count=args.sms)
     if args.resnet50:
         count_resnet50_compiles()
         return 0

@@ -249,15 +249,23 @@ def run_breakdown(shape, dtype, memory_format, lname, warmup, rep):
     w = torch.ones(channels, device="cuda")
     b = torch.zeros(channels, device="cuda")
     rm, rv = torch.zeros(channels, device="cuda"), torch.ones(channels, device="cuda")
+    from syncbn.passes import RunningStats
+
     stats = ops.local_stats(x)
-    _, mean, invstd = ops.finalize_normalize(x, stats, EPS, w, b, rm, rv, MOMENTUM)
+    running = RunningStats(rm, rv, MOMENTUM)
+    _, mean, invstd = ops.finalize_normalize(x, stats, eps=EPS, weight=w, bias=b, running=running)
     sums = ops.backward_reduce(dy, x, mean)
     s_bytes = x.numel() * x.element_size()
     passes = {  # name: (fn, bytes moved at the floor); the calls the layer makes
         "local_stats": (lambda: ops.local_stats(x), s_bytes),
-        "finalize_normalize": (lambda: ops.finalize_normalize(x, stats, EPS, w, b, rm, rv, MOMENTUM), 2 * s_bytes),
+        "finalize_normalize": (
+            lambda: ops.finalize_normalize(x, stats, eps=EPS, weight=w, bias=b, running=running),
+            2 * s_bytes,
+        ),
         "backward_reduce_affine": (
-            lambda: ops.backward_reduce_affine(dy, x, mean, invstd, torch.float32, torch.float32),
+            lambda: ops.backward_reduce_affine(
+                dy, x, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.float32
+            ),
             2 * s_bytes,
         ),
         "backward_elemt": (lambda: ops.backward_elemt(dy, x, mean, invstd, w, sums, stats[-1]), 3 * s_bytes),
@@ -520,16 +528,16 @@ def run(args, out):
     if args.tuning:
         import dataclasses
 
-        from syncbn.ops import triton as triton_ops
+        from syncbn.ops import launch_plan
 
-        fields = {f.name: f.type for f in dataclasses.fields(triton_ops.Tuning)}
+        fields = {f.name: f.type for f in dataclasses.fields(launch_plan.Tuning)}
         overrides = {}
         for item in args.tuning.split(","):
             key, value = item.split("=")
             overrides[key] = float(value) if "float" in str(fields[key]) else int(value)
-        triton_ops.TUNING = dataclasses.replace(triton_ops.TUNING, **overrides)
-        env["tuning"] = str(triton_ops.TUNING)
-        print(f"# tuning: {triton_ops.TUNING}", flush=True)
+        launch_plan.TUNING = dataclasses.replace(launch_plan.TUNING, **overrides)
+        env["tuning"] = str(launch_plan.TUNING)
+        print(f"# tuning: {launch_plan.TUNING}", flush=True)
     print(f"# {env['device']} | driver {env['driver']} | torch {env['torch']} | CUDA {env['cuda']} "
           f"| Triton {env['triton']} | {env['date']}", flush=True)  # fmt: skip
     group = init_world()

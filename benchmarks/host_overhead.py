@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 import syncbn
 from benchmarks.common import add_output_args, output_dir, slug, time_calls, today
-from syncbn import settings
+from syncbn import passes, settings
 from syncbn.ops import backend_for
+from syncbn.passes import RunningStats
 
 
 def host_us(fn, device: torch.device | None = None) -> float:
@@ -68,11 +69,13 @@ def report(shape: tuple[int, ...]) -> tuple[str, str]:
 
     xd = x.detach()
     stats, scratch = ops.forward_stats(xd)
+    running = RunningStats(running_mean, running_var, 0.1)
     _, mean, invstd = ops.finalize_normalize(
-        xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1
+        xd, stats, eps=1e-5, weight=weight, bias=bias, running=running
     )  # for the backward rows
     sums = ops.backward_reduce(grad, xd, mean)
     count = stats[-1]
+    call = passes.Call(1e-5, None, True)
     small = torch.ones(2 * channels + 1, device=device, dtype=torch.float64)
     wd = weight.detach()
 
@@ -99,10 +102,10 @@ def report(shape: tuple[int, ...]) -> tuple[str, str]:
         return lambda: torch.autograd.grad(fn.apply(x), (x,), grad)
 
     def fused_forward():
-        return ops.finalize_normalize(xd, stats, 1e-5, weight, bias, running_mean, running_var, 0.1)
+        return ops.finalize_normalize(xd, stats, eps=1e-5, weight=weight, bias=bias, running=running)
 
     def fused_backward():
-        return ops.backward_reduce_affine(grad, xd, mean, invstd, torch.float32, torch.float32)
+        return ops.backward_reduce_affine(grad, xd, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.float32)
 
     rows = [
         ("F.batch_norm fwd+bwd (autograd.grad)", host_us(bn_fwd_bwd, device=device)),
@@ -120,17 +123,15 @@ def report(shape: tuple[int, ...]) -> tuple[str, str]:
         (
             "  forward_pass (no autograd)",
             host_us(
-                lambda: syncbn.functional.forward_pass(
-                    xd, wd, bias.detach(), running_mean, running_var, 0.1, 1e-5, None, True
-                ),
+                lambda: passes.forward_pass(xd, wd, bias.detach(), running, call),
                 device=device,
             ),
         ),
         (
             "  backward_pass (no autograd)",
             host_us(
-                lambda: syncbn.functional.backward_pass(
-                    grad, xd, wd, mean, invstd, count, None, True, (True, True, True), torch.float32
+                lambda: passes.backward_pass(
+                    grad, xd, wd, mean, invstd, count, call, (True, True, True), torch.float32
                 ),
                 device=device,
             ),
