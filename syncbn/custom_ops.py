@@ -92,6 +92,8 @@ def _forward_op(
         channels = input.shape[1]
         zeros = input.new_zeros((channels,), dtype=stat_dtype(input.dtype))
         return (output, zeros, zeros.clone(), input.new_zeros((), dtype=torch.float64), *buffers)
+    if count is None:  # the one-call local kernel ran: the count is this batch's own
+        count = torch.tensor(float(input.numel() // input.shape[1]), dtype=torch.float64, device=input.device)
     if mean.untyped_storage().data_ptr() == invstd.untyped_storage().data_ptr():
         invstd = invstd.clone()  # outputs must not share storage (Triton's finalize packs them)
     return (_like_input(output, input), mean, invstd, count.clone(), *buffers)

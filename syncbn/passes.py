@@ -127,27 +127,38 @@ def forward_pass(
         distributed.check_consistency("forward", call.process_group, channels, input.dtype, call.name, input.device)
     ops = backend_for(input)
     local_count = input.numel() // channels
+    if not call.sync:
+        if local_count <= 1:
+            return _too_few_values(local_count, input, call)
+        local = ops.local_batch_norm(input, weight, bias, running, call.eps)
+        if local is not None:
+            return (*local, None)  # count None: the backward takes the one-call kernel too
 
     stats, scratch = ops.forward_stats(input)  # float64 [sum, sum of squares, count]
     if call.sync:
         _all_reduce(stats, call, "forward all-reduce", channels)
-    if local_count <= 1:
-        # Only here may the global count be below 2; every rank with a count <= 1 reads it,
-        # so all ranks of a group with a global count of 0 or 1 take the same branch.
-        global_count = int(stats[-1].item())
-        if global_count == 1:
-            where = "across the process group" if call.sync else "in the batch"
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
-                f"(this rank's input size: {tuple(input.shape)})"
-            )
-        if global_count == 0:
-            return torch.empty_like(input), None, None, None
+        if local_count <= 1:
+            # Only here may the global count be below 2; every rank with a count <= 1 reads it,
+            # so all ranks of a group with a global count of 0 or 1 take the same branch.
+            global_count = int(stats[-1].item())
+            if global_count <= 1:
+                return _too_few_values(global_count, input, call)
 
     output, mean, invstd = ops.finalize_normalize(
         input, stats, eps=call.eps, weight=weight, bias=bias, running=running, scratch=scratch
     )
     return output, mean, invstd, stats[-1]
+
+
+def _too_few_values(count: int, input: torch.Tensor, call: Call) -> tuple[torch.Tensor, None, None, None]:
+    """The global-count rules: nothing to normalize for 0 values, nn.BatchNorm's error for 1."""
+    if count == 1:
+        where = "across the process group" if call.sync else "in the batch"
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
+            f"(this rank's input size: {tuple(input.shape)})"
+        )
+    return torch.empty_like(input), None, None, None
 
 
 def backward_pass(
@@ -156,7 +167,7 @@ def backward_pass(
     weight: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
-    count: torch.Tensor,
+    count: torch.Tensor | None,
     call: Call,
     needs_grad: tuple[bool, bool, bool],
     bias_dtype: torch.dtype | None,
@@ -164,8 +175,13 @@ def backward_pass(
     """``(grad_input, grad_weight, grad_bias)``, None where ``needs_grad`` says not needed.
 
     The all-reduce happens only when the input gradient is needed (weight and bias gradients
-    are local): every rank of the group must agree on that, as on everything else.
+    are local): every rank of the group must agree on that, as on everything else. ``count``
+    None means the forward ran the backend's one-call local kernel (no group).
     """
+    if count is None:
+        return backend_for(input).local_batch_norm_backward(
+            grad_output, input, weight, mean, invstd, call.eps, needs_grad
+        )
     need_input, need_weight, need_bias = needs_grad
     channels = input.shape[1]
     if call.sync and distributed.debug_enabled():

@@ -2,9 +2,11 @@
 
 Two backends share one interface (``local_stats``, ``forward_stats``, ``finalize``,
 ``normalize``, ``finalize_normalize``, ``backward_reduce``, ``backward_reduce_affine``,
-``backward_elemt``; ``forward_stats`` is ``local_stats`` plus an opaque scratch that
-``normalize`` may write its output over; the two compound functions are what the layer calls,
-one launch each on the Triton side): ``reference`` (torch ops; every CPU tensor) and
+``backward_elemt``, ``local_batch_norm``; ``forward_stats`` is ``local_stats`` plus an opaque
+scratch that ``normalize`` may write its output over; the compound functions are what the layer
+calls, one launch each on the Triton side; ``local_batch_norm`` is a one-call forward without a
+group, or None where the backend has none, and then ``local_batch_norm_backward`` is its
+backward): ``reference`` (torch ops; every CPU tensor) and
 ``triton`` (GPU kernels; CUDA tensors of half and single precision, when Triton is importable).
 ``SYNCBN_BACKEND=torch`` forces the torch-ops path everywhere, which is how the GPU tests get a
 second opinion on the same device. ``SYNCBN_BACKEND=triton`` forces the Triton kernels for every

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ..dtypes import HALF_DTYPES, stat_dtype
 
@@ -70,9 +69,13 @@ def _grad_like(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 PIVOT_MAX_ROW = 2**16
 
 
+# Below this many values the pivot path's dozen small ops cost more than ATen's slow pass saves.
+PIVOT_MIN_VALUES = 2**15
+
+
 def _pivot_pays(x: torch.Tensor) -> bool:
     """Whether ``_pivoted_moments`` is both faster and accurate for ``x`` (see there)."""
-    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous() or x.numel() < PIVOT_MIN_VALUES:
         return False
     spatial = x[0, 0].numel()
     return 1 < spatial <= PIVOT_MAX_ROW and x.shape[0] <= PIVOT_MAX_ROW
@@ -105,7 +108,7 @@ def _pivoted_moments(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     dims = [0, *range(2, x.dim())]
     pivot = x.sum(dims).div_(count)
     one = torch.ones_like(pivot)
-    centred = F.batch_norm(x, pivot, one, None, None, False, 0.0, UNIT_EPS)
+    centred = torch.batch_norm(x, None, None, pivot, one, False, 0.0, UNIT_EPS, False)
     _, sum_z2, sum_z = torch.ops.aten.native_batch_norm_backward(
         centred, centred, one, torch.zeros_like(pivot), one, None, None, False, UNIT_EPS, [False, True, True]
     )
@@ -132,9 +135,12 @@ def forward_stats(x: torch.Tensor) -> tuple[torch.Tensor, Centred | None]:
         mean, var = torch.batch_norm_update_stats(source, None, None, 0.0)
     if source is not x:
         centred = None
-    mean, var = mean.to(torch.float64), var.to(torch.float64)
-    torch.mul(mean, count, out=packed[:channels])
-    torch.addcmul(var, mean, mean, out=packed[channels : 2 * channels]).mul_(count)
+    # [n * mean, n * (var + mean**2), n]: float64 before the squares, whose low digits carry
+    # the variance when the mean is large.
+    sums = packed[: 2 * channels].view(2, channels)
+    torch.stack((mean, var), out=sums)
+    sums[1].addcmul_(sums[0], sums[0])
+    sums.mul_(count)
     packed[2 * channels] = count
     return packed, centred
 
@@ -150,11 +156,24 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     return forward_stats(x)[0]
 
 
-def _update_running(buffer: torch.Tensor, batch_value: torch.Tensor, momentum: float | torch.Tensor) -> None:
-    """``buffer = (1 - momentum) * buffer + momentum * batch_value``, in float64, rounded once."""
-    if isinstance(momentum, torch.Tensor):
-        momentum = momentum.to(torch.float64)  # lerp takes a tensor weight only in its own dtype
-    buffer.copy_(torch.lerp(buffer.to(torch.float64), batch_value, momentum))
+def _update_running(running: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    """``buffer = lerp(buffer, batch value, momentum)`` for the mean and the unbiased variance.
+
+    The batch values are rounded to the buffer's dtype first and the lerp runs in it (in float32
+    for half-precision buffers).
+    """
+    momentum = running.momentum
+    for buffer, value in ((running.mean, mean), (running.var, var)):
+        if buffer is None:
+            continue
+        if value is var:
+            value = var * (count / (count - 1))  # unbiased
+        if buffer.dtype in HALF_DTYPES:  # in float32, rounded once, as the Triton kernels do
+            weight = momentum.float() if isinstance(momentum, torch.Tensor) else momentum
+            buffer.copy_(torch.lerp(buffer.float(), value.to(buffer.dtype).float(), weight))
+            continue
+        weight = momentum.to(buffer.dtype) if isinstance(momentum, torch.Tensor) else momentum
+        buffer.lerp_(value.to(buffer.dtype), weight)
 
 
 def finalize(
@@ -166,17 +185,29 @@ def finalize(
     is ``var * n / (n - 1)``, and ``running.momentum`` may be a 0-d tensor (the cumulative
     average of ``momentum=None``). The caller guarantees a global count of at least 2.
     """
+    count = stats[-1]  # a 0-d tensor, never read back to the host
+    mean, var = _moments(stats, count, dtype)
+    if running is not None:
+        _update_running(running, mean, var, count)
+    return mean, (var + eps).rsqrt_()
+
+
+def _moments(stats: torch.Tensor, count: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global mean and biased variance in ``dtype`` from the all-reduced ``[S1, S2, n]``.
+
+    ``var = S2 / n - mean**2`` in float64 (clamped at 0, NaN kept), then rounded once.
+    """
     channels = (stats.numel() - 1) // 2
-    count = stats[2 * channels]
-    mean = stats[:channels] / count
-    var = (stats[channels : 2 * channels] / count).sub_(mean * mean).clamp_(min=0.0)
-    invstd = (var + eps).rsqrt_()
-    if running is not None and running.mean is not None:
-        _update_running(running.mean, mean, running.momentum)
-    if running is not None and running.var is not None:
-        unbiased = var.mul_(count / (count - 1))
-        _update_running(running.var, unbiased, running.momentum)
-    return mean.to(dtype), invstd.to(dtype)
+    moments = stats[: 2 * channels].view(2, channels) / count
+    mean64, var64 = moments.unbind()
+    var64.addcmul_(mean64, mean64, value=-1.0).clamp_(min=0.0)
+    mean, var = moments.to(dtype).unbind()
+    return mean, var
+
+
+def _channels_inner(x: torch.Tensor) -> bool:
+    """True when channels are the contiguous axis: (N, C) and channels_last(_3d) CPU tensors."""
+    return x.device.type == "cpu" and (x.dim() == 2 or (x.stride(1) == 1 and x.shape[1] > 1))
 
 
 def normalize(
@@ -197,12 +228,20 @@ def normalize(
         shift = (scratch.pivot - mean).mul_(scale)
         if bias is not None:
             shift.add_(bias.to(shift.dtype))
-        # y = (x - pivot) * scale + ((pivot - mean) * scale + bias), in place over z
-        return torch.addcmul(_channel_view(shift, z.dim()), z, _channel_view(scale, z.dim()), out=z)
+        # y = (x - pivot) * scale + ((pivot - mean) * scale + bias), in place over z (a
+        # contiguous (N, C, S) tensor: two vectorized in-place passes beat one broadcast addcmul)
+        return z.mul_(_channel_view(scale, z.dim())).add_(_channel_view(shift, z.dim()))
+    if _channels_inner(x):
+        # y = x * scale + (bias - mean * scale): a per-channel broadcast along the contiguous
+        # axis, which TensorIterator vectorizes (twice as fast as the batch-norm kernel here).
+        # Computed in the statistics' dtype, rounded once into x's dtype and memory format.
+        shift = -mean * scale if bias is None else torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1.0)
+        out = torch.empty_like(x)
+        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()), out=out)
     shift = None if bias is None else bias.to(invstd.dtype)
     one = torch.ones_like(invstd)
     # var = 1: the kernel's own 1/sqrt(var + eps) is exactly 1.
-    return F.batch_norm(x, mean, one, scale, shift, False, 0.0, UNIT_EPS)
+    return torch.batch_norm(x, scale, shift, mean, one, False, 0.0, UNIT_EPS, False)
 
 
 def finalize_normalize(
@@ -216,8 +255,21 @@ def finalize_normalize(
     scratch: Centred | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finalize`` then ``normalize``: ``(output, mean, invstd)``, statistics in ``stat_dtype``."""
-    mean, invstd = finalize(stats, eps, running, stat_dtype(x.dtype))
+    count = stats[-1]  # a 0-d tensor, never read back to the host
+    mean, var = _moments(stats, count, stat_dtype(x.dtype))
+    if running is not None:
+        _update_running(running, mean, var, count)
+    if scratch is None and not _channels_inner(x) and _params_match(weight, bias, mean.dtype):
+        # The eval-mode kernel with the global mean and variance is the whole normalize pass.
+        y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        return y, mean, (var + eps).rsqrt_()
+    invstd = (var + eps).rsqrt_()
     return normalize(x, mean, invstd, weight, bias, scratch), mean, invstd
+
+
+def _params_match(weight: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether ATen's kernels take these affine parameters with statistics of ``dtype``."""
+    return (weight is None or weight.dtype == dtype) and (bias is None or bias.dtype == dtype)
 
 
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -255,10 +307,19 @@ def backward_reduce_affine(
     gradients, ``sum_dy_xmu * invstd`` in ``weight_dtype`` and ``sum_dy`` in ``bias_dtype``
     (None when the dtype is None). The gradients never share memory with ``sums``, which the
     caller all-reduces in place."""
-    sums = backward_reduce(grad_out, x, mean)
     channels = x.shape[1]
-    grad_weight = None if weight_dtype is None else (sums[channels:] * invstd).to(weight_dtype)
-    grad_bias = None if bias_dtype is None else sums[:channels].to(bias_dtype, copy=True)
+    if x.is_cuda or x.numel() == 0:
+        sums = backward_reduce(grad_out, x, mean)
+        sum_dy, sum_dy_xmu = sums[:channels], sums[channels:]
+    else:
+        one = torch.ones_like(mean)
+        # Eval-mode backward with var = 1: grad_weight = sum(dy * (x - mean)), grad_bias = sum(dy).
+        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            _grad_like(grad_out, x), x, one, mean, one, None, None, False, UNIT_EPS, [False, True, True]
+        )
+        sums = torch.cat([sum_dy, sum_dy_xmu])  # a copy: the gradients below stay apart from it
+    grad_weight = None if weight_dtype is None else (sum_dy_xmu * invstd).to(weight_dtype)
+    grad_bias = None if bias_dtype is None else sum_dy.to(bias_dtype, copy=sum_dy.data_ptr() == sums.data_ptr())
     return sums, grad_weight, grad_bias
 
 
@@ -273,24 +334,73 @@ def backward_elemt(
 ) -> torch.Tensor:
     """Input gradient from the global ``sums = [sum_dy, sum_dy_xmu]`` and global ``count``.
 
-    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``, as
+    ``dx = scale * dy + (x - mean) * xmu_coef + const`` with per-channel coefficients.
     """
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.empty_like(x)
-    dtype = mean.dtype
-    scale = invstd if weight is None else invstd * weight.to(dtype)  # w * invstd
-    inv_count = count.to(dtype).reciprocal()
-    mean_dy = sums[:channels] * inv_count
-    mean_dy_xmu = sums[channels:] * inv_count
-    xmu_coef = -scale * invstd * invstd * mean_dy_xmu  # multiplies (x - mean)
-    const = -scale * mean_dy
-    if x.dtype in HALF_DTYPES:
-        # Two roundings to half precision would double the error; work in float32.
-        x, grad_out, out_dtype = x.float(), grad_out.float(), x.dtype
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)  # w * invstd
+    # [const, xmu_coef / invstd**2] = -scale * [sum_dy, sum_dy_xmu] / n
+    coefs = sums.view(2, channels) * (scale / -count)
+    const, xmu_coef = coefs.unbind()
+    xmu_coef.mul_(invstd * invstd)
+    # Half precision: computed in float32 and rounded once at the end (two roundings to half
+    # precision would double the error).
+    out_dtype = x.dtype
+    if _channels_inner(x):
+        # (x - mean) * xmu_coef + const as one broadcast addcmul along the contiguous axis
+        const.addcmul_(mean, xmu_coef, value=-1.0)
+        grad_in = torch.empty_like(x, dtype=coefs.dtype)
+        torch.addcmul(_channel_view(const, x.dim()), x, _channel_view(xmu_coef, x.dim()), out=grad_in)
     else:
-        out_dtype = None
-    one = torch.ones_like(mean)
-    grad_in = F.batch_norm(x, mean, one, xmu_coef, const, False, 0.0, UNIT_EPS)
-    grad_in.addcmul_(grad_out, _channel_view(scale, x.dim()))
-    return grad_in if out_dtype is None else grad_in.to(out_dtype)
+        if x.dtype in HALF_DTYPES:
+            x, grad_out = x.float(), grad_out.float()
+        one = torch.ones_like(mean)
+        grad_in = torch.batch_norm(x, xmu_coef, const, mean, one, False, 0.0, UNIT_EPS, False)
+    grad_in.addcmul_(_grad_like(grad_out, x), _channel_view(scale, x.dim()))
+    return grad_in.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process, nothing to synchronize: ATen's own training kernels, exactly nn.BatchNorm's.
+
+
+def local_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: RunningStats | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(output, mean, invstd)`` of a batch with no collective, or None where the generic
+    passes must run: off the CPU (a 0-d momentum would be read back from the device), and for
+    half-precision input without float32 parameters (ATen would keep its statistics in half
+    precision). The caller guarantees at least 2 values per channel."""
+    if x.device.type != "cpu":
+        return None
+    if x.dtype in HALF_DTYPES and not any(t is not None for t in (weight, running)):
+        return None
+    running_mean = running_var = None
+    momentum = 0.0
+    if running is not None:
+        running_mean, running_var, momentum = running.mean, running.var, running.momentum
+        if isinstance(momentum, torch.Tensor):
+            momentum = float(momentum)  # a CPU tensor: no device sync
+    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+
+
+def local_batch_norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    eps: float,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward of ``local_batch_norm``: ``(grad_input, grad_weight, grad_bias)``."""
+    mask = [needs_grad[0], needs_grad[1] and weight is not None, needs_grad[2]]
+    return torch.ops.aten.native_batch_norm_backward(
+        _grad_like(grad_out, x), x, weight, None, None, mean, invstd, True, eps, mask
+    )
