@@ -1,31 +1,36 @@
-"""CPU speed of the synced layer at world size 2 (gloo) against single-process F.batch_norm.
+"""CPU speed of the synced layer at world size 2 (gloo) against its floor and a naive peer.
 
     python -m benchmarks.bench_cpu [--quick]    # results in benchmarks/results/scratch/
-    python -m benchmarks.bench_cpu --save       # a full run: replaces benchmarks/results/cpu.{md,json}
+    python -m benchmarks.bench_cpu --save       # a full run: replaces benchmarks/results/cpu.{md,json,png}
 
 Two processes with one thread each (the machine's two cores, one per rank) run, for every
-shape, forward+backward of:
-  - ``F.batch_norm`` in training mode on the rank's local tensor (no communication: the target
-    is at most 1.5x this),
-  - ``syncbn.functional.sync_batch_norm`` synced over both ranks (one gloo all-reduce in each
-    direction),
-  - the same with a process group of one rank (no communication: the local math alone, under
-    the same conditions),
-  - the two bare all-reduces alone (2C+1 float64, 2C float32).
-Measurements alternate between the candidates round by round so that drift hits all of them
-alike; each figure is the median over rounds of the mean time per call within a round, and the
-table reports the slower rank (a synced step waits for it).
+layer, forward+backward of:
+  - ``floor``: ``F.batch_norm`` on the rank's local tensor plus two bare all-reduces of what
+    syncbn sends (2C+1 float64 after the forward, 2C of the statistics' dtype after the
+    backward), made where syncbn makes them, so that it waits for the other rank as syncbn does;
+  - ``syncbn``: ``syncbn.SyncBatchNorm`` synced over both ranks;
+  - ``syncbn unsynced``: the same layer in a group of one rank (no communication);
+  - ``naive``: the naive synchronized BatchNorm of detectron2-style code bases: float32
+    ``mean(x)`` and ``mean(x*x)``, one all-reduce through an autograd Function (whose
+    backward all-reduces again), the normalization as plain tensor ops under autograd;
+  - ``F.batch_norm`` and ``all_reduce x2`` alone, to read the rest.
+And, in one process per rank with nothing to synchronize, the host time of a tiny (4, 8) layer:
+``nn.BatchNorm1d`` against ``syncbn.SyncBatchNorm``.
+Candidates alternate round by round so that drift falls on all of them alike; each figure is the
+median over rounds of ms per call, of the slower rank (a synced step waits for it).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import syncbn
 from benchmarks.common import (
     Row,
     add_count_args,
@@ -35,51 +40,97 @@ from benchmarks.common import (
     meta_line,
     output_dir,
     run_world,
+    save_figure,
     slowest_rank,
     time_interleaved,
     write_results,
 )
-from syncbn.functional import sync_batch_norm
+from syncbn.dtypes import stat_dtype
 
-SHAPES = [(8, 64, 56, 56), (8, 256, 28, 28), (256, 512)]
-TARGET = 1.5
-FULL = {"rounds": 15, "iters": 10, "warmup": 10}
-QUICK = {"rounds": 3, "iters": 2, "warmup": 2}
+# (shape, memory format, what it stands for)
+LAYERS = [
+    ((8, 64, 56, 56), "contiguous", "ResNet stage-1 activation"),
+    ((8, 64, 56, 56), "channels_last", "the same, channels_last"),
+    ((8, 256, 28, 28), "contiguous", "ResNet stage-2 activation"),
+    ((32, 2048, 7, 7), "contiguous", "many channels, small H*W"),
+    ((256, 512), "contiguous", "(N, C): a projection head"),
+    ((2, 32, 16, 28, 28), "contiguous", "3-D (N, C, D, H, W)"),
+    ((2, 32, 16, 28, 28), "channels_last_3d", "3-D, channels_last_3d"),
+]
+TINY = (4, 8)
+FLOOR_TARGET = 1.05
+TINY_TARGET = 1.5
+NAIVE_TARGET = 2.0
+FULL = {"rounds": 15, "iters": 10, "warmup": 5, "tiny_iters": 500}
+QUICK = {"rounds": 3, "iters": 2, "warmup": 1, "tiny_iters": 50}
+FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable SUM all-reduce: its gradient is the all-reduced gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def naive_sync_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    """The naive peer (training mode, running statistics left out): equal batches on every rank
+    assumed, moments as float32 means of x and x*x, autograd through every op."""
+    dims = [0, *range(2, x.dim())]
+    moments = torch.cat([x.mean(dims), (x * x).mean(dims)])
+    mean, meansqr = (_AllReduceSum.apply(moments) / dist.get_world_size()).chunk(2)
+    invstd = torch.rsqrt(meansqr - mean * mean + eps)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(view) + shift.view(view)
 
 
 def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
-    # a group of one rank: syncbn with no communication, the local math alone in these conditions
-    alone, _ = dist.new_subgroups(group_size=1)
+    alone, _ = dist.new_subgroups(group_size=1)  # a group of one rank: syncbn without communication
     rows = []
-    for shape in SHAPES:
+    for shape, layout, _ in LAYERS:
         channels = shape[1]
         gen = torch.Generator().manual_seed(rank)
-        x = torch.randn(shape, generator=gen).requires_grad_()
-        grad = torch.randn(shape, generator=gen)
+        x = torch.randn(shape, generator=gen).contiguous(memory_format=FORMATS[layout]).requires_grad_()
+        grad = torch.randn(shape, generator=gen).contiguous(memory_format=FORMATS[layout])
         weight = torch.ones(channels, requires_grad=True)
         bias = torch.zeros(channels, requires_grad=True)
+        synced = syncbn.SyncBatchNorm(channels)
+        unsynced = syncbn.SyncBatchNorm(channels, process_group=alone)
         stats_buf = torch.zeros(2 * channels + 1, dtype=torch.float64)
-        grad_buf = torch.zeros(2 * channels, dtype=torch.float32)
+        grad_buf = torch.zeros(2 * channels, dtype=stat_dtype(x.dtype))
 
         def collectives():
             dist.all_reduce(stats_buf)
             dist.all_reduce(grad_buf)
 
-        def f_batch_norm_with_collectives():
-            # the control: F.batch_norm with syncbn's two collectives where syncbn makes them
+        def floor():
             y = F.batch_norm(x, None, None, weight, bias, True)
             dist.all_reduce(stats_buf)
             y.backward(grad)
             dist.all_reduce(grad_buf)
 
         candidates = {
+            "floor": floor,
+            "syncbn": lambda: synced(x).backward(grad),
+            "syncbn unsynced": lambda: unsynced(x).backward(grad),
+            "naive": lambda: naive_sync_batch_norm(x, weight, bias).backward(grad),
             "F.batch_norm": lambda: F.batch_norm(x, None, None, weight, bias, True).backward(grad),
-            "syncbn": lambda: sync_batch_norm(x, None, None, weight, bias, True).backward(grad),
-            "syncbn unsynced": lambda: sync_batch_norm(x, None, None, weight, bias, True, process_group=alone).backward(
-                grad
-            ),
             "all_reduce x2": collectives,
-            "F.batch_norm + all_reduce x2": f_batch_norm_with_collectives,
         }
         times = time_interleaved(
             candidates, rounds=args.rounds, iters=args.iters, warmup=args.warmup, barrier=dist.barrier
@@ -91,76 +142,150 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
                 "forward+backward",
                 shape=shape,
                 dtype="float32",
-                layout="contiguous",
+                layout=layout,
                 device="cpu",
                 world_size=world,
                 threads_per_rank=1,
-            )
+            )  # fmt: skip
             for provider, t in times.items()
         ]
         if rank == 0:
             ms = {provider: t.median for provider, t in times.items()}
             print(
-                f"{str(shape):<18} F.batch_norm {ms['F.batch_norm']:.3f} ms  syncbn {ms['syncbn']:.3f} ms "
-                f"({ms['syncbn'] / ms['F.batch_norm']:.2f}x)  unsynced {ms['syncbn unsynced']:.3f} ms  "
-                f"all_reduce x2 {ms['all_reduce x2']:.3f} ms",
+                f"{str(shape):<20} {layout:<16} floor {ms['floor']:.3f} ms  syncbn {ms['syncbn']:.3f} ms "
+                f"({ms['syncbn'] / ms['floor']:.2f}x)  naive {ms['naive']:.3f} ms "
+                f"({ms['naive'] / ms['syncbn']:.2f}x syncbn)",
                 flush=True,
             )
+    rows += _tiny_host_time(args)
     return slowest_rank(rows)
 
 
-def by_shape(rows: list[Row]) -> list[dict]:
-    """One dict per shape: ``{"shape": ..., provider: median ms, ...}`` (the report's table)."""
-    shapes: list[list[int]] = []
+def _tiny_host_time(args: argparse.Namespace) -> list[Row]:
+    """nn.BatchNorm1d against syncbn on a (4, 8) layer, one process, nothing to synchronize:
+    what the layer's Python and dispatch cost per call."""
+    dist.barrier()
+    x = torch.randn(TINY).requires_grad_()
+    grad = torch.randn(TINY)
+    alone, _ = dist.new_subgroups(group_size=1)
+    layers = {
+        "nn.BatchNorm1d": torch.nn.BatchNorm1d(TINY[1]),
+        "syncbn": syncbn.SyncBatchNorm(TINY[1], process_group=alone),
+    }
+    candidates = {name: (lambda layer=layer: layer(x).backward(grad)) for name, layer in layers.items()}
+    times = time_interleaved(candidates, rounds=args.rounds, iters=args.tiny_iters, warmup=args.tiny_iters)
+    return [
+        Row.measured(
+            t,
+            provider,
+            "forward+backward (host)",
+            shape=TINY,
+            dtype="float32",
+            layout="contiguous",
+            device="cpu",
+            world_size=1,
+            threads_per_rank=1,
+        )  # fmt: skip
+        for provider, t in times.items()
+    ]
+
+
+def by_layer(rows: list[Row]) -> list[dict]:
+    """One dict per (shape, layout): ``{"shape", "layout", provider: median ms, ...}``."""
+    keys: list[tuple] = []
     for r in rows:
-        if r.shape not in shapes:
-            shapes.append(r.shape)
-    return [{"shape": s, **{r.provider: r.median_ms for r in rows if r.shape == s}} for s in shapes]
+        if r.pass_ == "forward+backward" and (tuple(r.shape), r.layout) not in keys:
+            keys.append((tuple(r.shape), r.layout))
+    return [
+        {
+            "shape": shape,
+            "layout": layout,
+            **{r.provider: r.median_ms for r in rows if (tuple(r.shape), r.layout) == (shape, layout)},
+        }
+        for shape, layout in keys
+    ]
 
 
 def report(rows: list[Row], world: int, out_dir: Path) -> Path:
     m = meta(world_size=world, threads_per_rank=1, dtype="float32")
+    table = by_layer(rows)
+    tiny = {r.provider: r.median_ms for r in rows if r.pass_ == "forward+backward (host)"}
+    what = {(shape, layout): note for shape, layout, note in LAYERS}
+    floor_ratios = [r["syncbn"] / r["floor"] for r in table]
+    activation = [r for r in table if len(r["shape"]) > 2]
+    naive_ratios = [r["naive"] / r["syncbn"] for r in activation]
+    tiny_ratio = tiny["syncbn"] / tiny["nn.BatchNorm1d"]
     lines = [
-        "# CPU: syncbn at world size 2 (gloo) vs single-process F.batch_norm",
+        "# CPU: syncbn at world size 2 (gloo) against its floor and a naive peer",
         "",
         f"{meta_line(m)} Reproduce: `python -m benchmarks.bench_cpu --save`.",
         "",
         "Forward+backward per layer, float32, one thread per rank, two ranks on this machine's two "
-        "cores. `F.batch_norm` runs on each rank's local tensor with no communication; `syncbn` is "
-        "synced over both ranks; `syncbn unsynced` is the same call in a group of one rank (the "
-        "local math alone, in the same conditions); `all_reduce x2` is the two bare gloo "
-        "collectives syncbn makes (2C+1 float64 forward, 2C float32 backward); `F.batch_norm + "
-        "all_reduce x2` is the control: F.batch_norm with those two collectives made where syncbn "
-        "makes them (between forward and backward, and after backward), so that it pays the same "
-        "waits for the other rank. Each figure is the slower rank's median.",
+        "cores; each figure is the slower rank's median over interleaved rounds (ms). `floor` is "
+        "`F.batch_norm` plus two bare gloo all-reduces of what syncbn sends (2C+1 float64, 2C "
+        "float32), made where syncbn makes them; `naive` is a detectron2-style naive synchronized "
+        "BatchNorm (float32 means of x and x*x, one differentiable all-reduce, autograd through "
+        "tensor ops); `syncbn unsynced` is syncbn in a group of one rank.",
         "",
-        "| shape | F.batch_norm (ms) | syncbn (ms) | syncbn / F.batch_norm | target <= 1.5x | syncbn unsynced (ms) "
-        "| unsynced / F.batch_norm | all_reduce x2 (ms) | F.batch_norm + all_reduce x2 (ms) | syncbn / control |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | layout | what | F.batch_norm | all_reduce x2 | floor | syncbn | syncbn / floor "
+        f"| <= {FLOOR_TARGET} | syncbn unsynced | naive | naive / syncbn | >= {NAIVE_TARGET}x |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
-    table = by_shape(rows)
     for r in table:
-        ratio = r["syncbn"] / r["F.batch_norm"]
+        ratio = r["syncbn"] / r["floor"]
+        naive = r["naive"] / r["syncbn"]
+        naive_verdict = ("met" if naive >= NAIVE_TARGET else "missed") if len(r["shape"]) > 2 else "-"
         lines.append(
-            f"| {tuple(r['shape'])} | {r['F.batch_norm']:.3f} | {r['syncbn']:.3f} | {ratio:.2f}x | "
-            f"{'met' if ratio <= TARGET else 'missed'} | "
-            f"{r['syncbn unsynced']:.3f} | {r['syncbn unsynced'] / r['F.batch_norm']:.2f}x | "
-            f"{r['all_reduce x2']:.3f} | {r['F.batch_norm + all_reduce x2']:.3f} | "
-            f"{r['syncbn'] / r['F.batch_norm + all_reduce x2']:.2f}x |"
+            f"| {r['shape']} | {r['layout']} | {what[(r['shape'], r['layout'])]} | {r['F.batch_norm']:.3f} | "
+            f"{r['all_reduce x2']:.3f} | {r['floor']:.3f} | {r['syncbn']:.3f} | {ratio:.2f} | "
+            f"{'met' if ratio <= FLOOR_TARGET else 'missed'} | {r['syncbn unsynced']:.3f} | "
+            f"{r['naive']:.3f} | {naive:.2f}x | {naive_verdict} |"
         )
-    worst_local = max(r["syncbn unsynced"] / r["F.batch_norm"] for r in table[:2])
+    median_floor = statistics.median(floor_ratios)
+    worst = max(table, key=lambda r: r["syncbn"] / r["floor"])
     lines += [
         "",
-        "Reading it: the local math (`syncbn unsynced`) is within "
-        f"{worst_local:.2f}x of F.batch_norm on the two convolution-sized layers, and syncbn "
-        "synced costs what the control costs: F.batch_norm itself, made to wait for the same two "
-        "collectives, is as slow. Where the 1.5x target is missed, the gap is the two gloo "
-        "round trips between processes on this machine (`all_reduce x2`, plus the waits for the "
-        "slower rank that any synchronous collective adds), which are several times the 0.2 ms "
-        "per all-reduce the target assumed; on the (256, 512) layer they are ten times the whole "
-        "F.batch_norm, and the small per-channel tensor ops around them are the rest.",
+        f"Host time of a tiny {TINY} layer, one process, nothing to synchronize (µs per forward+backward): "
+        f"nn.BatchNorm1d {1e3 * tiny['nn.BatchNorm1d']:.1f}, syncbn {1e3 * tiny['syncbn']:.1f} "
+        f"({tiny_ratio:.2f}x; target <= {TINY_TARGET}x: {'met' if tiny_ratio <= TINY_TARGET else 'missed'}).",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        f"| syncbn / floor <= {FLOOR_TARGET} on every layer | median {median_floor:.2f}, worst "
+        f"{worst['syncbn'] / worst['floor']:.2f} ({worst['shape']} {worst['layout']}) | "
+        f"{'yes' if max(floor_ratios) <= FLOOR_TARGET else 'no'} |",
+        f"| tiny-layer host time <= {TINY_TARGET}x nn.BatchNorm | {tiny_ratio:.2f}x | "
+        f"{'yes' if tiny_ratio <= TINY_TARGET else 'no'} |",
+        f"| >= {NAIVE_TARGET}x faster than the naive peer on activation layers | "
+        f"{min(naive_ratios):.2f}x to {max(naive_ratios):.2f}x | "
+        f"{'yes' if min(naive_ratios) >= NAIVE_TARGET else 'no'} |",
     ]
+    plot(table, out_dir / "cpu.png", m)
     return write_results("cpu", m, rows, lines, out_dir)
+
+
+def plot(table: list[dict], path: Path, m: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{'x'.join(map(str, r['shape']))}\n{r['layout']}" for r in table]
+    xs = range(len(table))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.38
+    ax.bar([i - width / 2 for i in xs], [r["syncbn"] / r["floor"] for r in table], width, label="syncbn")
+    ax.bar([i + width / 2 for i in xs], [r["naive"] / r["floor"] for r in table], width, label="naive peer")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(FLOOR_TARGET, color="gray", linestyle="--", linewidth=0.8, label=f"target {FLOOR_TARGET}")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("time / floor (F.batch_norm + 2 all-reduces)")
+    ax.set_title(f"2 gloo ranks, 1 thread each, float32; torch {m['torch']}, {m['date']}", fontsize=9)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
 
 
 def main() -> None:
