@@ -194,7 +194,8 @@ def _empty_batch(
 
 
 class _ProgressLine:
-    """Rank 0's progress without tqdm: redrawn in place on a terminal, one final line otherwise."""
+    """Progress without tqdm, or into a log: redrawn in place on a terminal; in a file, a line
+    every 10 s at most and one at the end."""
 
     def __init__(self, total: int, desc: str, disable: bool) -> None:
         self.total, self.desc, self.disable = total, desc, disable
@@ -203,28 +204,34 @@ class _ProgressLine:
         self.tty = not disable and sys.stderr.isatty()
 
     def _write(self, text: str) -> None:
-        sys.stderr.write(f"\r{text}\033[K" if self.tty else text)
+        sys.stderr.write(f"\r{text}\033[K" if self.tty else f"{text}\n")
         sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
-        if self.tty and now - self.last >= 0.1:
+        if not self.disable and self.done < self.total and now - self.last >= (0.1 if self.tty else 10.0):
             self.last = now
             self._write(f"{self.desc}: {self.done}/{self.total} batches")
 
     def close(self) -> None:
         if not self.disable:
             elapsed = time.perf_counter() - self.start
-            self._write(f"{self.desc}: {self.done}/{self.total} batches in {elapsed:.1f} s\n")
+            self._write(f"{self.desc}: {self.done}/{self.total} batches in {elapsed:.1f} s")
+            if self.tty:
+                sys.stderr.write("\n")
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _ProgressLine(total, "update_bn_stats", disable=not enabled)
-    return tqdm(total=total, desc="update_bn_stats", unit="batch", disable=not enabled)
+    """A tqdm bar on a terminal when tqdm is installed, else ``_ProgressLine``."""
+    if enabled and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(total=total, desc="update_bn_stats", unit="batch")
+    return _ProgressLine(total, "update_bn_stats", disable=not enabled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +367,8 @@ def update_bn_stats(
     Chan's pairwise update), and the merge across ranks is the two-pass formula, so the result
     is exact in float64 even for means far larger than the spread.
 
-    Rank 0 of the group shows a progress bar (tqdm when installed, else one line on stderr).
+    Rank 0 of the group shows its progress on stderr: a tqdm bar on a terminal (when tqdm is
+    installed), else one line, redrawn on a terminal, every 10 s at most in a log file.
     Every synchronized layer's group must be inside ``process_group`` (ValueError otherwise).
     Returns ``model``.
     """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import sys
 import warnings
 from collections.abc import Iterator
@@ -392,13 +393,17 @@ def test_a_model_without_batchnorm_reads_no_batch():
     assert next(gen, None) is not None
 
 
-def test_progress_bar_with_and_without_tqdm(capsys, monkeypatch):
-    pytest.importorskip("tqdm")
+def test_progress_on_a_terminal_and_in_a_log(capsys, monkeypatch):
+    """A log gets one line at the end; a terminal a tqdm bar, or the redrawn line without tqdm."""
     syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
-    assert "update_bn_stats: 100%" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("update_bn_stats: 3/3 batches in ")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    if importlib.util.find_spec("tqdm") is not None:
+        syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
+        assert "update_bn_stats: 100%" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
     syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
-    assert "update_bn_stats: 3/3 batches in" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("\rupdate_bn_stats: 3/3 batches in ")
 
 
 def test_sync_batchnorm_buffers_without_a_process_group_is_a_no_op():
