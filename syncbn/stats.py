@@ -459,9 +459,9 @@ def sync_batchnorm_buffers(
       with equal weight per rank. Running statistics are linear in the batch statistics, so
       with equal per-rank batches (and the same momentum and step count on every rank) the
       averaged ``running_mean`` is the running average of the global batch means; the
-      averaged ``running_var`` is the running average of the ranks' mean within-batch
-      variance, which, unlike the global batch's variance, leaves out the spread between the
-      ranks' batch means: the variance the layer normalized with in training.
+      averaged ``running_var`` is the running average of the ranks' mean (unbiased)
+      within-batch variance: the spread the layer normalized with in training, which leaves out
+      the spread between the ranks' batch means (``update_bn_stats`` includes it).
       ``num_batches_tracked`` becomes rank 0's.
     - ``mode="broadcast"``: every rank gets rank 0's running statistics and
       ``num_batches_tracked`` (what DDP's ``broadcast_buffers`` does before each forward).
@@ -469,8 +469,7 @@ def sync_batchnorm_buffers(
     The layers are those ``update_bn_stats`` recomputes; frozen layers keep theirs (they are
     fixed, usually loaded from the same checkpoint on every rank). Without an initialized
     process group, or in a group of one rank, nothing happens. Every rank of the group must
-    call it with the same model. For statistics that do include the between-rank spread, use
-    ``update_bn_stats``. Returns ``model``.
+    call it with the same model. Returns ``model``.
     """
     if mode not in _MODES:
         raise ValueError(f"syncbn.sync_batchnorm_buffers: mode must be 'mean' or 'broadcast', got {mode!r}")

@@ -396,14 +396,16 @@ def test_a_model_without_batchnorm_reads_no_batch():
 def test_progress_on_a_terminal_and_in_a_log(capsys, monkeypatch):
     """A log gets one line at the end; a terminal a tqdm bar, or the redrawn line without tqdm."""
     syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
-    assert capsys.readouterr().err.startswith("update_bn_stats: 3/3 batches in ")
+    log = capsys.readouterr().err
+    assert "update_bn_stats: 3/3 batches in " in log and "\r" not in log
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     if importlib.util.find_spec("tqdm") is not None:
         syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
         assert "update_bn_stats: 100%" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
     syncbn.update_bn_stats(InputNet(), _batches([2, 2, 2], seed=0))
-    assert capsys.readouterr().err.startswith("\rupdate_bn_stats: 3/3 batches in ")
+    line = capsys.readouterr().err  # redrawn in place (as often as every 0.1 s), then the total
+    assert line.startswith("\rupdate_bn_stats: ") and "\rupdate_bn_stats: 3/3 batches in " in line
 
 
 def test_sync_batchnorm_buffers_without_a_process_group_is_a_no_op():
@@ -413,3 +415,22 @@ def test_sync_batchnorm_buffers_without_a_process_group_is_a_no_op():
     _assert_matches(_state(model), before)
     with pytest.raises(ValueError, match="mode must be 'mean' or 'broadcast'"):
         syncbn.sync_batchnorm_buffers(model, mode="max")
+
+
+def test_batchnorm_subclass_with_its_own_forward():
+    """timm's BatchNormAct2d (BatchNorm then an activation, its own forward): the statistics of
+    its input, and its buffers are written only once, at the end."""
+    timm_layers = pytest.importorskip("timm.layers")
+    layer = timm_layers.BatchNormAct2d(3, momentum=None, act_layer=nn.ReLU).double()
+    layer.num_batches_tracked.fill_(7)
+    batches = _batches([3, 2, 4], seed=3)
+    writes = []
+    model = nn.Sequential(layer)
+    model.register_forward_hook(lambda m, args, out: writes.append(layer.running_var.clone()))
+    before = layer.running_var.clone()
+    syncbn.update_bn_stats(model, batches)
+    assert all(torch.equal(w, before) for w in writes) and len(writes) == 3  # untouched while it ran
+    mean, var = _population([x for x, _ in batches])
+    torch.testing.assert_close(layer.running_mean, mean, **EXACT)
+    torch.testing.assert_close(layer.running_var, var, **EXACT)
+    assert layer.momentum is None and int(layer.num_batches_tracked) == 7 and layer.training
