@@ -398,21 +398,21 @@ def update_bn_stats(
     flags = [(m, m.training) for m in model.modules()]
     saved = [(layer, layer.track_running_stats, layer.momentum) for _, layer in layers]
     hooks = []
-    for (_, layer), acc in zip(layers, moments):
-
-        def record(module, args, kwargs, acc=acc):
-            x = args[0] if args else next(iter(kwargs.values()))
-            check_input(x, module.num_features)
-            acc.add(x)
-
-        hooks.append(layer.register_forward_pre_hook(record, with_kwargs=True))
-        # Batch statistics without touching the running ones; syncbn's layers need a float
-        # momentum then (None means: count batches).
-        layer.track_running_stats = False
-        if layer.momentum is None:
-            layer.momentum = 0.0
     progress = _progress(steps, show)
     try:
+        for (_, layer), acc in zip(layers, moments):
+
+            def record(module, args, kwargs, acc=acc):
+                x = args[0] if args else next(iter(kwargs.values()))
+                check_input(x, module.num_features)
+                acc.add(x)
+
+            hooks.append(layer.register_forward_pre_hook(record, with_kwargs=True))
+            # Batch statistics without touching the running ones; syncbn's layers need a float
+            # momentum then (None means: count batches).
+            layer.track_running_stats = False
+            if layer.momentum is None:
+                layer.momentum = 0.0
         model.train()
         with torch.no_grad():
             for step in range(steps):
