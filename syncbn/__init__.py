@@ -16,6 +16,7 @@ from .convert import (
 )
 from .distributed import create_syncbn_process_group
 from .nn import SyncBatchNorm
+from .stats import sync_batchnorm_buffers, update_bn_stats
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "is_frozen",
     "revert_sync_batchnorm",
     "settings",
+    "sync_batchnorm_buffers",
     "unfreeze_batchnorm",
+    "update_bn_stats",
     "__version__",
 ]

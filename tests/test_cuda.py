@@ -557,3 +557,28 @@ def test_zero_channels_inference_mode_and_double_backward(always_sync):
     (gx,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="syncbn: double backward"):
         gx.sum().backward()
+
+
+def test_update_bn_stats_and_sync_buffers_on_cuda(always_sync):
+    """Population statistics of a CUDA model from CPU batches (an empty one among them), every
+    collective on CUDA tensors over NCCL: the layer's forwards, then the step count and the two
+    merges; sync_batchnorm_buffers adds one. The first layer sees the raw float32 input: its
+    statistics are the float64 ones of those values, rounded once."""
+    model = nn.Sequential(syncbn.SyncBatchNorm(3), nn.BatchNorm2d(3)).to(DEVICE)
+    batches = [(torch.randn(n, 3, 10, 10) * 2 + 3, torch.zeros(n)) for n in (4, 0, 6)]
+    always_sync.clear()
+    syncbn.update_bn_stats(model, batches)
+    assert always_sync == [1, 7, 7, 7, 2 + 6, 6]  # counts; 3 forwards of 2C + 1; sums; deviations
+    x = torch.cat([b[0] for b in batches]).double()
+    var, mean = torch.var_mean(x, dim=(0, 2, 3))
+    torch.testing.assert_close(model[0].running_mean.cpu(), mean.float(), rtol=2**-23, atol=0.0)
+    torch.testing.assert_close(model[0].running_var.cpu(), var.float(), rtol=2**-23, atol=0.0)
+    y = F.batch_norm(x, None, None, training=True)  # the second layer's input, in float64
+    var, mean = torch.var_mean(y, dim=(0, 2, 3))
+    torch.testing.assert_close(model[1].running_mean.cpu().double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var.cpu().double(), var, rtol=1e-5, atol=1e-5)
+    always_sync.clear()
+    before = model[1].running_var.clone()
+    syncbn.sync_batchnorm_buffers(model, mode="mean")
+    assert always_sync == [2 + 2 * 6]  # one all-reduce for both layers
+    assert torch.equal(model[1].running_var, before)  # the mean over one rank

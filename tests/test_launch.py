@@ -68,13 +68,19 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_local_batchnorm_on_digits():
-    """--bn local keeps nn.BatchNorm2d; --data digits reads scikit-learn's bundled images."""
+    """--bn local keeps nn.BatchNorm2d; --data digits reads scikit-learn's bundled images;
+    --precise-bn recomputes the plain layers' statistics across the ranks before the final scores."""
     pytest.importorskip("sklearn")
-    out = _run_cpu("--data", "digits", "--bn", "local", "--epochs", "1", "--width", "8", "--batch-size", "16")
+    flags = ["--data", "digits", "--bn", "local", "--epochs", "1", "--width", "8", "--batch-size", "16"]
+    out = _run_cpu(*flags, "--precise-bn", "10")
     assert "9 x nn.BatchNorm2d (not synchronized)" in out
     assert "1438 train / 359 val images of 1x8x8" in out
+    before = re.search(r"^precise BN: before  val acc [\d.]+% \(\d+/359\)", out, re.M)
+    after = re.search(r"^precise BN: after   val acc ([\d.]+)% \(\d+/359\).*over 10 batches per rank", out, re.M)
+    assert before and after, out
     final = _final(out)
     assert int(final["n"]) == 359  # every validation image scored once, none twice
+    assert final["acc"] == after.group(1)  # the final scores are those after precise BN
     assert float(final["acc"]) > 50  # 1 epoch on digits: far above chance (10%); measured 95%
 
 
