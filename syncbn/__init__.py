@@ -15,12 +15,13 @@ from .convert import (
     unfreeze_batchnorm,
 )
 from .distributed import create_syncbn_process_group
-from .nn import SyncBatchNorm
+from .nn import SyncBatchNorm, SyncBatchNormAct
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "convert_sync_batchnorm",
     "create_syncbn_process_group",
     "freeze_batchnorm",
