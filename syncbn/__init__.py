@@ -11,6 +11,7 @@ from .convert import (
     convert_sync_batchnorm,
     freeze_batchnorm,
     is_frozen,
+    register_batchnorm_class,
     revert_sync_batchnorm,
     unfreeze_batchnorm,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "freeze_batchnorm",
     "functional",
     "is_frozen",
+    "register_batchnorm_class",
     "revert_sync_batchnorm",
     "settings",
     "unfreeze_batchnorm",
