@@ -12,6 +12,10 @@ weight-decay tags) travel with it; hooks registered on the BatchNorm layer itsel
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``). A layer used at several places in a model
 becomes one new layer used at the same places.
 
+Which layers convert, into what and back into what, is one table of BatchNorm classes
+(``_REGISTRY``): torch's classes, those of optional libraries (timm, mmengine, mmcv; entered
+once their module is imported, never imported here) and what ``register_batchnorm_class`` adds.
+
 Freezing is configuration, not state: a frozen layer's ``state_dict`` has exactly the keys of an
 unfrozen one (and of ``nn.BatchNorm2d``), loading a state_dict neither freezes nor unfreezes,
 and the freezing itself travels with the module object through ``copy.deepcopy``, ``pickle``,
@@ -49,22 +53,20 @@ _BATCHNORM_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 BATCHNORM_BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 # The configuration every BatchNorm layer has, carried from each layer to its replacement.
 _BATCHNORM_FIELDS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-# Instance attributes that belong to one layer class or one object and are not carried over:
-# the frozen ``train`` is rebuilt for the new object, the rest is syncbn's layers' own.
-_NOT_CARRIED = frozenset(
-    {
-        "train",
-        "forward",
-        "process_group",
-        "converted_from",
-        "batchnorm_dim",
-        "_input_dim",
-        "_syncbn_name",
-        "activation",
-        "activation_param",
-        "apply_act_module",
-    }
-)
+# Instance attributes not carried to the new layer: the frozen ``train`` is rebuilt for the new
+# object (and conversion skips layers with an instance ``forward``); reverting also leaves
+# behind what belongs to syncbn's layers.
+_NOT_CARRIED = frozenset({"train", "forward"})
+_SYNCBN_OWN = _NOT_CARRIED | {
+    "process_group",
+    "converted_from",
+    "batchnorm_dim",
+    "_input_dim",
+    "_syncbn_name",
+    "activation",
+    "activation_param",
+    "apply_act_module",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +358,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: torch.distributed.P
         if isinstance(layer, SyncBatchNorm) and path:
             layer._syncbn_name = path  # names the layer in SYNCBN_DEBUG checks and errors
     if skipped:
-        why = "unsynchronized: converting would lose their own forward or parametrization"
-        why += " (see syncbn.register_batchnorm_class)"
+        why = "unsynchronized (own forward or parametrization; see syncbn.register_batchnorm_class)"
         warnings.warn(_left_alone("convert_sync_batchnorm", why, skipped), UserWarning, stacklevel=2)
     return converted
 
@@ -405,7 +406,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
             replacements[id(layer)] = _to_plain(layer)
     reverted = _splice(module, replacements, {})
     if skipped:
-        why = "as they are: reverting would lose their own forward, or there is no plain class to go back to"
+        why = "synchronized (own forward, or no plain class to go back to)"
         warnings.warn(_left_alone("revert_sync_batchnorm", why, skipped), UserWarning, stacklevel=2)
     return reverted
 
@@ -464,7 +465,7 @@ def _to_syncbn(layer: nn.Module, entry: _Entry) -> SyncBatchNorm:
             f"syncbn.convert_sync_batchnorm: the to_sync registered for {_qualname(type(layer))} returned "
             f"{type(new).__name__}, not a syncbn.SyncBatchNorm"
         )
-    _move_into(layer, new)
+    _move_into(layer, new, _NOT_CARRIED)
     new.converted_from = type(layer)
     new.batchnorm_dim = _batchnorm_dim(layer)  # None for torch.nn.SyncBatchNorm
     return new
@@ -482,11 +483,11 @@ def _to_plain(layer: SyncBatchNorm) -> nn.Module:
                 f"syncbn.revert_sync_batchnorm: the to_plain registered for {_qualname(origin)} returned "
                 f"{type(new).__name__}, not a plain nn.Module"
             )
-    _move_into(layer, new)
+    _move_into(layer, new, _SYNCBN_OWN)
     return new
 
 
-def _move_into(old: nn.Module, new: nn.Module) -> None:
+def _move_into(old: nn.Module, new: nn.Module, not_carried: frozenset[str]) -> None:
     """Give ``new`` the very Parameter and buffer objects, fields, flags and attributes of ``old``."""
     new._parameters.clear()
     new._parameters.update(old._parameters)  # also a None bias (affine, bias=False)
@@ -500,7 +501,7 @@ def _move_into(old: nn.Module, new: nn.Module) -> None:
     for key, value in old.__dict__.items():
         # Plain attributes set by model code (qconfig, tags); the layer's own fields and hook
         # tables are already there on the new object.
-        if key not in new.__dict__ and key not in _NOT_CARRIED:
+        if key not in new.__dict__ and key not in not_carried:
             new.__dict__[key] = value
     frozen = old.__dict__.get("train")
     if isinstance(frozen, _FrozenTrain):

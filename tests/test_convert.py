@@ -217,6 +217,8 @@ def test_convert_keeps_requires_grad_training_qconfig_and_attributes():
     assert model[0].qconfig == "qconfig-object"
     assert model[1].no_weight_decay is True
     assert not hasattr(model[1], "qconfig")
+    syncbn.revert_sync_batchnorm(model)
+    assert model[0].qconfig == "qconfig-object" and model[1].no_weight_decay is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
