@@ -223,8 +223,14 @@ _REGISTRY: dict[type, _Entry] = {
 # conversion finds their module imported (their layers cannot exist before), so syncbn never
 # imports them; a class registered by the user keeps the user's entry.
 _OPTIONAL: tuple[tuple[str, str, _Entry], ...] = (
-    (_timm.NORM_ACT_MODULE, "BatchNormAct2d", _Entry(to_sync=_timm.to_sync)),
-    (_timm.NORM_ACT_MODULE, "SyncBatchNormAct", _Entry(to_sync=_timm.to_sync, to_plain=_timm.to_batchnorm_act2d)),
+    *(
+        (module, name, entry)
+        for module in _timm.NORM_ACT_MODULES
+        for name, entry in (
+            ("BatchNormAct2d", _Entry(to_sync=_timm.to_sync)),
+            ("SyncBatchNormAct", _Entry(to_sync=_timm.to_sync, to_plain=_timm.to_batchnorm_act2d)),
+        )
+    ),
     # mmengine's (and mmcv's) BatchNorm of any rank: the stock forward, back to _BatchNormXd
     ("mmengine.model.utils", "_BatchNormXd", _Entry()),
     # mmcv's MMSyncBN: not an nn.BatchNorm subclass, but the same fields and tensors

@@ -3,6 +3,10 @@
 It subclasses ``torch.nn.modules.batchnorm._BatchNorm`` so that its state_dict keys are those of
 ``nn.BatchNorm1d/2d/3d`` (checkpoints move both ways) and so that code testing
 ``isinstance(m, _BatchNorm)`` (no-weight-decay rules, freezing helpers) keeps working.
+
+Also here: ``SyncBatchNormAct`` (the same, then an activation: the BatchNorm + activation layers
+of model zoos) and ``BatchNormXd`` (single-process BatchNorm of any input rank, what revert
+makes of a layer whose dimensionality is not known).
 """
 
 from __future__ import annotations

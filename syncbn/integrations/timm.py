@@ -1,8 +1,9 @@
 """timm's BatchNorm + activation layers <-> ``syncbn.SyncBatchNormAct``.
 
 ``convert_sync_batchnorm`` calls these through its built-in table (``syncbn.convert``) for
-``timm.layers.norm_act.BatchNormAct2d`` and ``SyncBatchNormAct``. timm is never imported here: a
-timm layer exists only once timm is, and its classes are read from ``sys.modules``.
+``BatchNormAct2d`` and ``SyncBatchNormAct`` of ``timm.layers.norm_act`` (timm < 0.9:
+``timm.models.layers.norm_act``). timm is never imported here: a timm layer exists only once
+timm is, and its classes are read from ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from .. import activations
 from ..nn import SyncBatchNormAct
 
-NORM_ACT_MODULE = "timm.layers.norm_act"
+NORM_ACT_MODULES = ("timm.layers.norm_act", "timm.models.layers.norm_act")
 
 
 def to_sync(layer: nn.Module) -> SyncBatchNormAct:
@@ -38,5 +39,5 @@ def to_batchnorm_act2d(layer: nn.Module) -> nn.Module:
     Built without activation or dropout (``nn.Identity``); conversion then puts in the layer's
     own ``drop`` and ``act`` children (timm's SyncBatchNormAct may lack them) and tensors.
     """
-    batchnorm_act2d = sys.modules[NORM_ACT_MODULE].BatchNormAct2d
+    batchnorm_act2d = sys.modules[layer.converted_from.__module__].BatchNormAct2d  # beside SyncBatchNormAct
     return batchnorm_act2d(layer.num_features, apply_act=False, device="meta")
