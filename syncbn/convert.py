@@ -222,16 +222,13 @@ _REGISTRY: dict[type, _Entry] = {
 # Classes of optional libraries, by defining module and name. Entered in _REGISTRY once a
 # conversion finds their module imported (their layers cannot exist before), so syncbn never
 # imports them; a class registered by the user keeps the user's entry.
+_TIMM = {
+    "BatchNormAct2d": _Entry(to_sync=_timm.to_sync),
+    "SyncBatchNormAct": _Entry(to_sync=_timm.to_sync, to_plain=_timm.to_batchnorm_act2d),
+}
 _OPTIONAL: tuple[tuple[str, str, _Entry], ...] = (
-    *(
-        (module, name, entry)
-        for module in _timm.NORM_ACT_MODULES
-        for name, entry in (
-            ("BatchNormAct2d", _Entry(to_sync=_timm.to_sync)),
-            ("SyncBatchNormAct", _Entry(to_sync=_timm.to_sync, to_plain=_timm.to_batchnorm_act2d)),
-        )
-    ),
-    # mmengine's (and mmcv's) BatchNorm of any rank: the stock forward, back to _BatchNormXd
+    *((module, name, entry) for module in _timm.NORM_ACT_MODULES for name, entry in _TIMM.items()),
+    # mmengine's BatchNorm of any rank: the stock forward, back to _BatchNormXd
     ("mmengine.model.utils", "_BatchNormXd", _Entry()),
     # mmcv's MMSyncBN: not an nn.BatchNorm subclass, but the same fields and tensors
     ("mmcv.ops.sync_bn", "SyncBatchNorm", _Entry(to_plain=_plain_by_dims)),
