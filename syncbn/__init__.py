@@ -11,22 +11,25 @@ from .convert import (
     convert_sync_batchnorm,
     freeze_batchnorm,
     is_frozen,
+    register_batchnorm_class,
     revert_sync_batchnorm,
     unfreeze_batchnorm,
 )
 from .distributed import create_syncbn_process_group
-from .nn import SyncBatchNorm
+from .nn import SyncBatchNorm, SyncBatchNormAct
 from .stats import sync_batchnorm_buffers, update_bn_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "convert_sync_batchnorm",
     "create_syncbn_process_group",
     "freeze_batchnorm",
     "functional",
     "is_frozen",
+    "register_batchnorm_class",
     "revert_sync_batchnorm",
     "settings",
     "sync_batchnorm_buffers",

@@ -3,17 +3,27 @@
 It subclasses ``torch.nn.modules.batchnorm._BatchNorm`` so that its state_dict keys are those of
 ``nn.BatchNorm1d/2d/3d`` (checkpoints move both ways) and so that code testing
 ``isinstance(m, _BatchNorm)`` (no-weight-decay rules, freezing helpers) keeps working.
+
+Also here: ``SyncBatchNormAct`` (the same, then an activation: the BatchNorm + activation layers
+of model zoos) and ``BatchNormXd`` (single-process BatchNorm of any input rank, what revert
+makes of a layer whose dimensionality is not known).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import activations
 from .functional import check_input, eval_forward, training_forward
+
+# torch's BatchNorm takes ``bias=`` since 2.13; on older torch syncbn drops the bias itself.
+_TORCH_BATCHNORM_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -34,6 +44,7 @@ class SyncBatchNorm(_BatchNorm):
         affine: learnable per-channel weight and bias.
         track_running_stats: keep running mean and variance (used in eval mode).
         process_group: the ranks to synchronize with; ``None`` is the whole world.
+        bias: with ``affine``, a learnable bias too (``bias=False``: weight only, ``bias`` is None).
 
     Shape:
         input (N, C, *) of float64, float32, float16 or bfloat16, contiguous or channels_last;
@@ -50,14 +61,25 @@ class SyncBatchNorm(_BatchNorm):
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        if _TORCH_BATCHNORM_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory, bias=bias)
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory)
+            if affine and not bias:
+                self.register_parameter("bias", None)
         self.process_group = process_group
 
-    # For syncbn.revert_sync_batchnorm (see syncbn.convert): which nn.BatchNorm{1,2,3}d this layer
-    # goes back to. ``batchnorm_dim`` is set by convert_sync_batchnorm from an nn.BatchNormNd (or
-    # by hand); without it the input dimensionality last seen in forward decides (0: none yet).
-    # Class-level defaults, so layers built or pickled without them read None / 0.
+    # For syncbn.revert_sync_batchnorm (see syncbn.convert). ``converted_from``: the class
+    # convert_sync_batchnorm replaced, which revert gives back. Without one (a layer built
+    # directly, or converted from a synchronized class such as torch.nn.SyncBatchNorm), the
+    # dimensionality decides: ``batchnorm_dim`` (1, 2 or 3, set by conversion from an
+    # nn.BatchNormNd, or by hand), else the input rank last seen in forward (0: none yet), else
+    # BatchNormXd. Class-level defaults, so layers built or pickled without them read None / 0.
+    converted_from: type[nn.Module] | None = None
     batchnorm_dim: int | None = None
     _input_dim: int = 0
     # The layer's path in its model, for SYNCBN_DEBUG and error messages (syncbn.distributed):
@@ -99,3 +121,79 @@ class SyncBatchNorm(_BatchNorm):
         memo[id(self)] = new
         new.__setstate__(copy.deepcopy(self.__dict__, memo))
         return new
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    r"""``SyncBatchNorm`` followed by an activation: the BatchNorm + activation layer of model zoos.
+
+    The normalization is ``SyncBatchNorm``'s; the activation is one of ``syncbn.activations``
+    with torch's functional formula: ``"identity"``, ``"relu"``, ``"leaky_relu"``
+    (``activation_param``: the negative slope, default 0.01), ``"elu"`` (alpha, default 1.0),
+    ``"silu"``, ``"gelu"`` (exact, not the tanh approximation) or ``"hardswish"``. The
+    state_dict keys are those of ``nn.BatchNorm2d``.
+
+    ``convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` into this
+    layer. It keeps timm's ``drop`` and ``act`` children (so the state_dict keys stay timm's and
+    revert gives them back) and runs ``drop`` (unless it is ``nn.Identity``) before the
+    activation. When the table has an entry for ``act`` (``nn.ReLU``, ``nn.SiLU``, ...),
+    ``activation`` computes it and the child is not called; otherwise ``activation`` is
+    ``"identity"`` and ``act`` runs as a module after it (``apply_act_module``): nothing is
+    ever dropped.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, process_group, bias: as for
+            ``SyncBatchNorm``.
+        activation: the activation's name in ``syncbn.activations.ACTIVATIONS``.
+        activation_param: its parameter (negative slope, alpha), None for torch's default;
+            only ``"leaky_relu"`` and ``"elu"`` take one.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        activation: str = "relu",
+        activation_param: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        resolved = activations.resolve(activation, activation_param)  # bad names fail before any allocation
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
+        )
+        self.activation, self.activation_param = resolved
+
+    # True when the ``act`` child (a converted timm layer's) is an activation the table has no
+    # entry for; ``activation`` is then "identity" and the child runs after it.
+    apply_act_module: bool = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = super().forward(input)
+        drop = self._modules.get("drop")
+        if drop is not None and type(drop) is not nn.Identity:
+            output = drop(output)
+        output = activations.apply(output, self.activation, self.activation_param)
+        if self.apply_act_module:
+            output = self.act(output)
+        return output
+
+    def extra_repr(self) -> str:
+        param = "" if self.activation_param is None else f", activation_param={self.activation_param}"
+        return f"{super().extra_repr()}, activation={self.activation!r}{param}"
+
+
+class BatchNormXd(_BatchNorm):
+    """Single-process BatchNorm for input of 2 to 5 dimensions, like mmengine's ``_BatchNormXd``.
+
+    What ``revert_sync_batchnorm`` makes of a layer whose dimensionality is not known.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not 2 <= input.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (got {input.dim()}D input)")

@@ -217,6 +217,8 @@ def test_convert_keeps_requires_grad_training_qconfig_and_attributes():
     assert model[0].qconfig == "qconfig-object"
     assert model[1].no_weight_decay is True
     assert not hasattr(model[1], "qconfig")
+    syncbn.revert_sync_batchnorm(model)
+    assert model[0].qconfig == "qconfig-object" and model[1].no_weight_decay is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -281,9 +283,11 @@ def test_custom_forward_subclasses_warn_and_stay():
     keep = model[1], model[2][0]
     with pytest.warns(UserWarning) as record:
         syncbn.convert_sync_batchnorm(model)
-    message = " ".join(str(w.message) for w in record)
-    assert f"'1' ({__name__}.BatchNormAct2d)" in message
-    assert f"'2.0' ({__name__}.TorchSyncBNAct)" in message
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "\n" not in message and message.startswith("syncbn.convert_sync_batchnorm left 2 BatchNorm layer(s)")
+    assert f"{__name__}.BatchNormAct2d, {__name__}.TorchSyncBNAct at '1', '2.0'" in message
+    assert "register_batchnorm_class" in message
     assert model[1] is keep[0] and model[2][0] is keep[1]
     assert type(model[1]) is BatchNormAct2d
     assert isinstance(model[0], syncbn.SyncBatchNorm)
@@ -291,12 +295,16 @@ def test_custom_forward_subclasses_warn_and_stay():
     assert isinstance(model[1].act, nn.ReLU)
 
 
-def test_subclass_without_own_forward_converts_silently():
+def test_subclass_without_own_forward_converts_silently_and_reverts_to_itself():
     model = nn.Sequential(TaggedBatchNorm2d(3))
+    model[0].tag = "kept"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         syncbn.convert_sync_batchnorm(model)
     assert type(model[0]) is syncbn.SyncBatchNorm and model[0].batchnorm_dim == 2
+    assert model[0].converted_from is TaggedBatchNorm2d
+    syncbn.revert_sync_batchnorm(model)
+    assert type(model[0]) is TaggedBatchNorm2d and model[0].tag == "kept"
 
 
 def test_instance_forward_and_parametrized_layers_warn():
@@ -305,9 +313,124 @@ def test_instance_forward_and_parametrized_layers_warn():
     param = nn.BatchNorm2d(3)
     torch.nn.utils.parametrize.register_parametrization(param, "weight", nn.Identity())
     model = nn.Sequential(patched, param)
-    with pytest.warns(UserWarning, match=r"'0' .*'1' "):
+    with pytest.warns(UserWarning, match=r"left 2 .*parametrize\.ParametrizedBatchNorm2d at '0', '1'$"):
         syncbn.convert_sync_batchnorm(model)
     assert model[0] is patched and model[1] is param
+
+
+# ---------------------------------------------------------------------------------------------
+# register_batchnorm_class
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Registrations made by the test are gone after it."""
+    monkeypatch.setattr(syncbn.convert, "_REGISTRY", dict(syncbn.convert._REGISTRY))
+
+
+class BatchNormSiLU2d(nn.BatchNorm2d):
+    """A library's fused BatchNorm + SiLU, with a constructor revert cannot call blindly."""
+
+    def __init__(self, num_features: int, tag: str, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.tag = tag
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+class PlainModuleBatchNorm(nn.Module):
+    """BatchNorm fields and tensors without subclassing nn.BatchNorm (as mmcv's SyncBatchNorm)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, 1e-5, 0.1
+        self.affine, self.track_running_stats = True, True
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_batches_tracked += self.training
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1)
+
+
+def test_registered_class_converts_to_its_sync_layer_and_back(registry):
+    syncbn.register_batchnorm_class(
+        BatchNormSiLU2d, to_sync=lambda layer: syncbn.SyncBatchNormAct(layer.num_features, activation="silu")
+    )
+    old = _randomize(BatchNormSiLU2d(4, tag="mine", eps=1e-3))
+    reference, tensors = copy.deepcopy(old), _tensors(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = syncbn.convert_sync_batchnorm(nn.Sequential(old))[0]
+    assert type(new) is syncbn.SyncBatchNormAct and new.activation == "silu"
+    assert (new.eps, new.tag) == (1e-3, "mine") and _tensors(new) == tensors
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(new(x), reference(x))  # training mode, running statistics updated
+    torch.testing.assert_close(new.running_var, reference.running_var)
+    back = syncbn.revert_sync_batchnorm(nn.Sequential(new))[0]
+    assert type(back) is BatchNormSiLU2d and (back.eps, back.tag) == (1e-3, "mine") and _tensors(back) == tensors
+    assert "activation" not in back.__dict__
+
+
+def test_registered_class_covers_subclasses_that_keep_its_forward(registry):
+    syncbn.register_batchnorm_class(
+        BatchNormSiLU2d, to_sync=lambda layer: syncbn.SyncBatchNormAct(1, activation="silu")
+    )
+
+    class Same(BatchNormSiLU2d):
+        pass
+
+    class Other(BatchNormSiLU2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    model = nn.Sequential(Same(2, "a"), Other(2, "b"))
+    with pytest.warns(UserWarning, match=r"left 1 .*Other at '1'$"):
+        syncbn.convert_sync_batchnorm(model)
+    assert type(model[0]) is syncbn.SyncBatchNormAct and model[0].num_features == 2  # the field is carried
+    assert type(model[1]) is Other
+    syncbn.revert_sync_batchnorm(model)
+    assert type(model[0]) is Same and model[0].tag == "a"
+
+
+def test_registered_module_that_is_not_a_batchnorm_subclass(registry):
+    model = nn.Sequential(PlainModuleBatchNorm(3))
+    syncbn.convert_sync_batchnorm(model)
+    assert type(model[0]) is PlainModuleBatchNorm  # unknown: not a BatchNorm to syncbn
+    syncbn.register_batchnorm_class(PlainModuleBatchNorm)
+    old = model[0]
+    syncbn.convert_sync_batchnorm(model)
+    assert type(model[0]) is syncbn.SyncBatchNorm
+    _assert_same_objects(old, model[0])
+    x = torch.randn(4, 3) * 2
+    torch.testing.assert_close(model[0](x), F.batch_norm(x, None, None, old.weight, old.bias, True))
+    syncbn.revert_sync_batchnorm(model)
+    assert type(model[0]) is PlainModuleBatchNorm
+    _assert_same_objects(old, model[0])
+    assert int(model[0].num_batches_tracked) == 1
+
+
+def test_a_to_sync_that_builds_the_wrong_layer_changes_nothing(registry):
+    syncbn.register_batchnorm_class(BatchNormSiLU2d, to_sync=lambda layer: nn.BatchNorm2d(layer.num_features))
+    model = nn.Sequential(nn.BatchNorm2d(2), BatchNormSiLU2d(2, "x"))
+    first = model[0]
+    with pytest.raises(TypeError, match=r"to_sync registered for tests\.test_convert\.BatchNormSiLU2d returned "
+                       "BatchNorm2d, not a syncbn.SyncBatchNorm"):  # fmt: skip
+        syncbn.convert_sync_batchnorm(model)
+    assert model[0] is first
+
+
+def test_register_rejects_bad_arguments(registry):
+    with pytest.raises(TypeError, match="nn.Module class"):
+        syncbn.register_batchnorm_class(nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="already syncbn's own layer"):
+        syncbn.register_batchnorm_class(syncbn.SyncBatchNormAct)
+    with pytest.raises(TypeError, match="to_plain must be callable"):
+        syncbn.register_batchnorm_class(BatchNormSiLU2d, to_plain="BatchNorm2d")
 
 
 def test_uninitialized_lazy_batchnorm_is_a_clear_error():
@@ -342,7 +465,7 @@ def test_revert_gives_back_the_original_class(cls):
     assert type(reverted) is cls
     _assert_same_objects(old, reverted)
     assert _flags(reverted) == _flags(old)
-    for attr in ("process_group", "batchnorm_dim", "_input_dim"):
+    for attr in ("process_group", "converted_from", "batchnorm_dim", "_input_dim", "_syncbn_name"):
         assert attr not in reverted.__dict__
 
 
@@ -370,14 +493,32 @@ def test_revert_torch_syncbn_uses_inputs_seen_after_conversion():
     assert type(syncbn.revert_sync_batchnorm(model)[0]) is nn.BatchNorm3d
 
 
-def test_revert_without_known_dimensionality_is_a_clear_error():
+@pytest.mark.parametrize("make", [lambda: syncbn.SyncBatchNorm(3), lambda: nn.SyncBatchNorm(3)], ids=["ours", "torch"])
+def test_revert_without_known_dimensionality_gives_batchnorm_of_any_rank(make):
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(make()))
+    syncbn.convert_sync_batchnorm(model)
+    old = model[1][0]
+    syncbn.revert_sync_batchnorm(model)  # no forward pass needed
+    new = model[1][0]
+    assert type(model[0]) is nn.BatchNorm2d and type(new) is syncbn.nn.BatchNormXd
+    _assert_same_objects(old, new)
+    new.eval()
+    for shape in [(4, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 2, 2)]:
+        x = torch.randn(shape)
+        assert torch.equal(new(x), F.batch_norm(x, new.running_mean, new.running_var, new.weight, new.bias))
+    with pytest.raises(ValueError, match="expected 2D to 5D input"):
+        new(torch.randn(3))
+
+
+def test_batchnorm_dim_picks_the_class_and_a_bad_one_is_a_clear_error():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(syncbn.SyncBatchNorm(3)))
     syncbn.convert_sync_batchnorm(model)
     converted = model[0]
-    with pytest.raises(ValueError, match=r"'1\.0' \(syncbn\.nn\.SyncBatchNorm\).*batchnorm_dim"):
+    model[1][0].batchnorm_dim = 4
+    with pytest.raises(ValueError, match=r"'1\.0' \(syncbn\.nn\.SyncBatchNorm\) has batchnorm_dim 4"):
         syncbn.revert_sync_batchnorm(model)
     assert model[0] is converted  # nothing reverted before the error
-    model[1][0].batchnorm_dim = 1  # the documented way out
+    model[1][0].batchnorm_dim = 1
     syncbn.revert_sync_batchnorm(model)
     assert type(model[0]) is nn.BatchNorm2d and type(model[1][0]) is nn.BatchNorm1d
 
@@ -396,7 +537,7 @@ def test_revert_leaves_torch_syncbn_and_warns_for_own_forward_subclass():
     model = nn.Sequential(nn.SyncBatchNorm(3), MySync(3))
     model[1].batchnorm_dim = 2
     keep = list(model)
-    with pytest.warns(UserWarning, match=r"'1' .*MySync"):
+    with pytest.warns(UserWarning, match=r"left 1 .*MySync at '1'$"):
         syncbn.revert_sync_batchnorm(model)
     assert list(model) == keep
 

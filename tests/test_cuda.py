@@ -15,7 +15,8 @@ kernels on CPU under Triton's interpreter. What only a GPU can show:
 - the reliability features with the compiled kernels and NCCL: ``torch.compile(fullgraph=True)``
   with inductor (and its CUDA graphs) around the custom ops, activation checkpointing,
   ``SYNCBN_DEBUG``'s all_gather over NCCL, NaN/inf, 65536 channels, strided and expanded
-  inputs, zero channels, inference mode, the double-backward error.
+  inputs, zero channels, inference mode, the double-backward error;
+- Lightning's Trainer with ``syncbn.integrations.lightning.SyncBatchNormPlugin`` on GPUs.
 """
 
 from __future__ import annotations
@@ -582,3 +583,12 @@ def test_update_bn_stats_and_sync_buffers_on_cuda(always_sync):
     syncbn.sync_batchnorm_buffers(model, mode="mean")
     assert always_sync == [2 + 2 * 6]  # one all-reduce for both layers
     assert torch.equal(model[1].running_var, before)  # the mean over one rank
+
+
+def test_lightning_plugin_on_gpus(tmp_path):
+    # tests/test_lightning.py's Trainer run over up to 2 GPUs (NCCL); on a machine with one
+    # GPU, the synced path in a group of one.
+    from tests.test_lightning import check_lightning_run
+
+    devices = min(2, torch.cuda.device_count())
+    check_lightning_run(tmp_path, "gpu", devices, env={} if devices > 1 else {"SYNCBN_ALWAYS_SYNC": "1"})

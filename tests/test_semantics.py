@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from unittest import mock
 
@@ -165,6 +166,30 @@ def test_empty_global_batch_is_a_no_op(pool):
         assert batches == 1  # as nn.BatchNorm on an empty batch
 
 
+def _case_empty_global_batch_grads(ctx, compiled: bool, act: bool):
+    if act:
+        layer = syncbn.SyncBatchNormAct(3, activation="elu", process_group=ctx.group)
+    else:
+        layer = syncbn.SyncBatchNorm(3, process_group=ctx.group)
+    forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    x = torch.zeros(0, 3, 2, requires_grad=True)
+    forward(x).sum().backward()
+    return x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("act", [False, True], ids=["SyncBatchNorm", "SyncBatchNormAct"])
+def test_empty_global_batch_gives_zero_gradients(pool, compiled, act):
+    bn = nn.BatchNorm1d(3)
+    x = torch.zeros(0, 3, 2, requires_grad=True)
+    bn(x).sum().backward()
+    assert torch.equal(bn.weight.grad, torch.zeros(3))  # what syncbn must match: zeros, not None
+    for dx, dw, db in pool.run(_case_empty_global_batch_grads, group="w2", args=(compiled, act), timeout=120):
+        assert dx.shape == (0, 3, 2)
+        for grad in (dw, db):
+            assert grad is not None and grad.dtype == torch.float32 and torch.equal(grad, torch.zeros(3))
+
+
 def test_one_sample_spread_thin_is_fine(pool):
     # one value on each of two ranks: a global count of 2 is a valid batch
     results = pool.run(_case_count_rule, group="w2", per_rank_args=[(1, 3), (1, 3)])
@@ -204,7 +229,36 @@ def test_functional_rejects_momentum_none():
 
 
 # ---------------------------------------------------------------------------------------------
-# Drop-in: class hierarchy, state_dict, eval behaviour.
+# Drop-in: constructor, class hierarchy, state_dict, eval behaviour.
+
+
+def test_constructor_mirrors_torch_syncbatchnorm():
+    ours = inspect.signature(syncbn.SyncBatchNorm.__init__).parameters
+    theirs = inspect.signature(nn.SyncBatchNorm.__init__).parameters
+    assert list(ours) == list(theirs)
+    for name, param in theirs.items():
+        assert (ours[name].default, ours[name].kind) == (param.default, param.kind), name
+
+
+@pytest.mark.parametrize("torch_takes_bias", [True, False], ids=["torch-bias-kwarg", "older-torch"])
+def test_bias_false_trains_like_batchnorm_without_bias(monkeypatch, torch_takes_bias):
+    # torch before 2.13 has no bias= keyword: syncbn then removes the bias itself
+    monkeypatch.setattr(syncbn.nn, "_TORCH_BATCHNORM_TAKES_BIAS", torch_takes_bias)
+    ours = syncbn.SyncBatchNorm(4, bias=False)
+    theirs = nn.BatchNorm2d(4, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours).removeprefix("SyncBatchNorm") == repr(theirs).removeprefix("BatchNorm2d")
+    x = torch.randn(3, 4, 2, 2) * 2 + 1
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    for layer, xi in zip((ours, theirs), xs):
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
+        layer(xi).pow(2).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert syncbn.SyncBatchNorm(4).bias is not None
 
 
 def test_is_a_batchnorm_with_batchnorm2d_state_dict():
