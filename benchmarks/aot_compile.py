@@ -30,12 +30,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from benchmarks.bench_kernels import DTYPES, LAYERS, QUICK, layouts_for
+from syncbn import activations
 from syncbn.ops import launch_plan
 from syncbn.ops import triton as K
 from syncbn.passes import RunningStats
 
 KERNELS = ["_reduce_ncs_kernel", "_reduce_mc_kernel", "_merge_kernel", "_finalize_kernel",
            "_elemt_ncs_kernel", "_elemt_mc_kernel"]  # fmt: skip
+# Every activation of the table, and the in-place ones (what SyncBatchNormAct launches).
+FUSED_ACTIVATIONS = [
+    *(activations.spec(name) for name in activations.ACTIVATIONS if name != "identity"),
+    *(activations.spec(name, inplace=True) for name in ("identity", "leaky_relu", "elu")),
+]
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -79,6 +85,13 @@ def record_layer(shape, dtype, memory_format, variants=False):
             K.backward_elemt(torch.empty_like(x), x, mean, invstd, None, sums, count)
             K.finalize(stats, 1e-5, RunningStats(*running, 0.1), torch.float32)  # a rank with an empty batch
             K.normalize(x, mean, invstd, w, b)  # the separate kernels (benchmarked apart)
+            for act in FUSED_ACTIVATIONS:  # SyncBatchNormAct: each activation's constexpr branch
+                K.finalize_normalize(x, stats, eps=1e-5, weight=w, bias=b, running=None, act=act)
+                K.backward_reduce_affine(
+                    torch.empty_like(x), x, mean, invstd, weight_dtype=torch.float32, bias_dtype=torch.float32,
+                    act=act, weight=w, bias=b,
+                )  # fmt: skip
+                K.backward_elemt(torch.empty_like(x), x, mean, invstd, w, sums, count, act=act, bias=b)
     finally:
         for n in KERNELS:
             setattr(K, n, saved[n])

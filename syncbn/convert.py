@@ -65,6 +65,7 @@ _SYNCBN_OWN = _NOT_CARRIED | {
     "_syncbn_name",
     "activation",
     "activation_param",
+    "inplace",
     "apply_act_module",
 }
 

@@ -1,6 +1,7 @@
 """The two passes as custom operators, for ``torch.compile(..., fullgraph=True)``.
 
     torch.ops.syncbn.forward    local statistics, all-reduce, running-statistics update, normalize
+                                and activate
     torch.ops.syncbn.backward   local gradient sums, all-reduce, input gradient
 
 Why custom ops. Dynamo can trace the eager autograd Function in simple cases (torch 2.13 turns
@@ -22,6 +23,9 @@ than the whole layer on small CPU tensors, so eager mode keeps the autograd Func
 
 The process group travels as its name (custom ops take no ProcessGroup objects) and is
 resolved inside the op, the way torch's functional collectives do it; "" is the default group.
+The fused activation travels as its name, parameter and ``inplace`` flag. An in-place layer's
+forward op writes a new output (the op is functional) and its backward reads that output
+instead of the input, as in eager mode.
 Outputs have exactly the strides the fake functions promise (inductor asserts them): the
 output and the input gradient are laid out like ``torch.empty_like(input)``.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import activations
 from .dtypes import stat_dtype
 from .passes import Call, backward_pass, count_batch, forward_pass, in_backward_pass
 
@@ -69,6 +74,9 @@ def _forward_op(
     group_name: str,
     sync: bool,
     name: str,
+    act_name: str,
+    act_param: float | None,
+    inplace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(output, mean, invstd, count, new_running_mean, new_running_var, new_num_batches_tracked)``.
 
@@ -84,7 +92,7 @@ def _forward_op(
     )
     momentum_arg = None if cumulative else (momentum if momentum_tensor is None else momentum_tensor)
     running = count_batch(new_mean, new_var, new_count, momentum_arg, recomputed=in_backward_pass())
-    call = Call(eps, _resolve_group(group_name), sync, name)
+    call = Call(eps, _resolve_group(group_name), sync, name, activations.spec(act_name, act_param, inplace))
     output, mean, invstd, count = forward_pass(input, weight, bias, running, call)
     none = input.new_empty((0,))
     buffers = tuple(none.clone() if t is None else t for t in (new_mean, new_var, new_count))
@@ -102,7 +110,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _forward_fake(
     input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor, momentum,
-    cumulative, eps, group_name, sync, name,
+    cumulative, eps, group_name, sync, name, act_name, act_param, inplace,
 ):  # fmt: skip
     channels = input.shape[1]
     dtype = stat_dtype(input.dtype)
@@ -122,8 +130,9 @@ def _forward_fake(
 @torch.library.custom_op("syncbn::backward", mutates_args=())
 def _backward_op(
     grad_output: torch.Tensor,
-    input: torch.Tensor,
+    saved: torch.Tensor,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     count: torch.Tensor,
@@ -133,65 +142,74 @@ def _backward_op(
     need_weight: bool,
     need_bias: bool,
     name: str,
+    eps: float,
+    act_name: str,
+    act_param: float | None,
+    inplace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_input, grad_weight, grad_bias)``; an unneeded one is an empty tensor.
 
+    ``saved`` is the forward's input, or its output for an in-place activation.
     ``grad_bias`` is in the statistics dtype (the caller casts it to the bias's dtype).
     """
-    channels = input.shape[1]
-    empty = channels == 0 or (input.numel() == 0 and int(count.item()) == 0)
+    channels = saved.shape[1]
+    empty = channels == 0 or (saved.numel() == 0 and int(count.item()) == 0)
     if empty:
         # Nothing was normalized (the eager Function has no backward at all here): no
         # collective, and every rank of the group is in this same case.
-        grads = (torch.zeros_like(input), mean.new_zeros((channels,)), mean.new_zeros((channels,)))
+        grads = (torch.zeros_like(saved), mean.new_zeros((channels,)), mean.new_zeros((channels,)))
         if weight is not None:
             grads = (grads[0], grads[1].to(weight.dtype), grads[2])
     else:
-        call = Call(0.0, _resolve_group(group_name), sync, name)
+        call = Call(eps, _resolve_group(group_name), sync, name, activations.spec(act_name, act_param, inplace))
         grads = backward_pass(
-            grad_output, input, weight, mean, invstd, count, call, (need_input, need_weight, need_bias), mean.dtype
-        )
+            grad_output, saved, weight, bias, mean, invstd, count, call, (need_input, need_weight, need_bias),
+            mean.dtype,
+        )  # fmt: skip
     grad_input, grad_weight, grad_bias = grads
     return (
-        _like_input(grad_input, input) if need_input else input.new_empty((0,)),
-        grad_weight if need_weight else input.new_empty((0,)),
-        grad_bias if need_bias else input.new_empty((0,)),
+        _like_input(grad_input, saved) if need_input else saved.new_empty((0,)),
+        grad_weight if need_weight else saved.new_empty((0,)),
+        grad_bias if need_bias else saved.new_empty((0,)),
     )
 
 
 @_backward_op.register_fake
 def _backward_fake(
-    grad_output, input, weight, mean, invstd, count, group_name, sync, need_input, need_weight, need_bias, name
-):
-    channels = input.shape[1]
+    grad_output, saved, weight, bias, mean, invstd, count, group_name, sync, need_input, need_weight, need_bias,
+    name, eps, act_name, act_param, inplace,
+):  # fmt: skip
+    channels = saved.shape[1]
     return (
-        torch.empty_like(input) if need_input else input.new_empty((0,)),
-        weight.new_empty((channels,)) if need_weight else input.new_empty((0,)),
-        mean.new_empty((channels,)) if need_bias else input.new_empty((0,)),
+        torch.empty_like(saved) if need_input else saved.new_empty((0,)),
+        weight.new_empty((channels,)) if need_weight else saved.new_empty((0,)),
+        mean.new_empty((channels,)) if need_bias else saved.new_empty((0,)),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, *_, group_name, sync, name = inputs
-    _, mean, invstd, count, *buffers = output
-    ctx.save_for_backward(input, weight, mean, invstd, count)
-    ctx.group_name, ctx.sync, ctx.name = group_name, sync, name
+    input, weight, bias, *_, eps, group_name, sync, name, act_name, act_param, inplace = inputs
+    y, mean, invstd, count, *buffers = output
+    needs_bias = activations.spec(act_name, act_param, inplace).needs_pre_activation
+    ctx.save_for_backward(y if inplace else input, weight, bias if needs_bias else None, mean, invstd, count)
+    ctx.group_name, ctx.sync, ctx.name, ctx.eps = group_name, sync, name, eps
+    ctx.act = (act_name, act_param, inplace)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(mean, invstd, count, *buffers)
 
 
 def _backward(ctx, grad_output, *_grads_of_non_differentiable):
-    input, weight, mean, invstd, count = ctx.saved_tensors
+    saved, weight, bias, mean, invstd, count = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_input, grad_weight, grad_bias = _backward_op(
-        grad_output, input, weight, mean, invstd, count, ctx.group_name, ctx.sync,
-        need_input, need_weight, need_bias, ctx.name,
+        grad_output, saved, weight, bias, mean, invstd, count, ctx.group_name, ctx.sync,
+        need_input, need_weight, need_bias, ctx.name, ctx.eps, *ctx.act,
     )  # fmt: skip
     return (
         grad_input if need_input else None,
         grad_weight if need_weight else None,
         grad_bias.to(ctx.bias_dtype) if need_bias else None,
-        *(None,) * 10,
+        *(None,) * 13,
     )
 
 
@@ -212,15 +230,18 @@ def sync_batch_norm_op(
     """The training-mode layer through ``torch.ops.syncbn.forward`` (what compiled code calls).
 
     The op applies ``count_batch`` itself (``momentum=None``: the cumulative average, from the
-    counter), so that a recomputation in backward counts nothing.
+    counter), so that a recomputation in backward counts nothing. ``call.act`` is fused in; in
+    place, the output is a new tensor (the op is functional) and only it is saved.
     """
     momentum_tensor = momentum if isinstance(momentum, torch.Tensor) else None
     momentum_float = 0.0 if momentum_tensor is not None or momentum is None else float(momentum)
     group_name = call.process_group.group_name if (call.sync and call.process_group is not None) else ""
     name = call.layer if isinstance(call.layer, str) else (getattr(call.layer, "_syncbn_name", None) or "")
+    act = call.act
     output, _, _, _, *new_buffers = _forward_op(
         input, weight, bias, running_mean, running_var, num_batches_tracked, momentum_tensor,
         momentum_float, momentum is None, float(call.eps), group_name, call.sync, name,
+        act.name, act.param, act.inplace,
     )  # fmt: skip
     with torch.no_grad():
         for buffer, new in zip((running_mean, running_var, num_batches_tracked), new_buffers):

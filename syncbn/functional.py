@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import custom_ops, distributed
+from . import activations, custom_ops, distributed
 from .dtypes import FLOAT_DTYPES
 from .passes import Call, RunningStats, backward_pass, count_batch, forward_pass, in_backward_pass
 
@@ -92,8 +92,10 @@ def _zero_grads(ctx, input: torch.Tensor, weight: torch.Tensor | None, bias: tor
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode synchronized batch norm in eager mode (see ``syncbn.passes``).
 
-    ``running`` is what ``count_batch`` says the batch updates, ``call`` how it communicates;
-    neither is differentiable.
+    ``running`` is what ``count_batch`` says the batch updates, ``call`` how it computes and
+    communicates; neither is differentiable. With an in-place activation (``call.act.inplace``)
+    the output is written over the input, which is marked dirty and returned, and only the
+    output is saved for backward; otherwise the input is.
     """
 
     @staticmethod
@@ -105,28 +107,45 @@ class SyncBatchNormFunction(torch.autograd.Function):
         running: RunningStats | None,
         call: Call,
     ) -> torch.Tensor:
-        output, mean, invstd, count = forward_pass(input, weight, bias, running, call)
+        act = call.act
+        output, mean, invstd, count = forward_pass(input, weight, bias, running, call, overwrite=act.inplace)
         ctx.call = call
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.empty = mean is None
+        if act.inplace:
+            ctx.mark_dirty(input)  # output is input
         if ctx.empty:  # the output stays differentiable (as nn.BatchNorm's); its gradients are zeros
             ctx.save_for_backward(input, weight, bias)
         else:
-            ctx.save_for_backward(input, weight, mean, invstd, count)
+            saved = output if act.inplace else input
+            ctx.save_for_backward(saved, weight, bias if act.needs_pre_activation else None, mean, invstd, count)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.empty:
             return (*_zero_grads(ctx, *ctx.saved_tensors), None, None)
-        input, weight, mean, invstd, count = ctx.saved_tensors
-        args = (grad_output, input, weight, mean, invstd, count, ctx.call, ctx.needs_input_grad[:3], ctx.bias_dtype)
+        saved, weight, bias, mean, invstd, count = ctx.saved_tensors
+        needs_grad = ctx.needs_input_grad[:3]
+        args = (grad_output, saved, weight, bias, mean, invstd, count, ctx.call, needs_grad, ctx.bias_dtype)
         if not torch.is_grad_enabled():  # the usual backward, create_graph=False
             return (*backward_pass(*args), None, None)
         with torch.no_grad():
             grads = backward_pass(*args)
-        needs = grad_output.requires_grad or input.requires_grad or (weight is not None and weight.requires_grad)
+        needs = grad_output.requires_grad or saved.requires_grad or (weight is not None and weight.requires_grad)
         return (*_guard_double_backward(grads, needs), None, None)
+
+
+def _check_overwritable(input: torch.Tensor) -> None:
+    """Refuse, before anything is written or sent, an input autograd forbids writing in place."""
+    base = input._base if input._base is not None else input
+    if torch.is_grad_enabled() and base.is_leaf and base.requires_grad:
+        what = "a view of a leaf tensor" if base is not input else "a leaf tensor"
+        raise RuntimeError(
+            f"syncbn: SyncBatchNormAct(inplace=True) writes its output over its input, and the input is {what} "
+            "that requires grad, which autograd does not allow to change in place; feed it the output of "
+            "another layer, or use inplace=False"
+        )
 
 
 def training_forward(
@@ -141,14 +160,17 @@ def training_forward(
     eps: float,
     process_group: dist.ProcessGroup | None,
     layer: torch.nn.Module | None = None,
+    act: activations.Spec = activations.IDENTITY,
 ) -> torch.Tensor:
     """Training mode, input checked: the autograd Function in eager, the custom op when compiling.
 
     ``num_batches_tracked`` (None: not counted) and ``momentum`` (None: cumulative average,
     which needs the counter) go to ``count_batch``: here in eager mode, inside the op when
-    compiling (traced code would count a recomputation again).
+    compiling (traced code would count a recomputation again). ``act``: the activation fused
+    into the passes; in place, eager mode writes the output over ``input`` (compiled code, which
+    is functional, writes a new tensor; both save only the output).
     """
-    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer)
+    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer, act)
     if torch.compiler.is_compiling():
         return custom_ops.sync_batch_norm_op(
             input,
@@ -160,6 +182,8 @@ def training_forward(
             momentum=momentum,
             call=call,
         )
+    if act.inplace:
+        _check_overwritable(input)
     running = count_batch(running_mean, running_var, num_batches_tracked, momentum, recomputed=in_backward_pass())
     return SyncBatchNormFunction.apply(input, weight, bias, running, call)
 

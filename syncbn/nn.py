@@ -90,13 +90,18 @@ class SyncBatchNorm(_BatchNorm):
         check_input(input, self.num_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input, activations.IDENTITY)
+
+    def _normalize(self, input: torch.Tensor, act: activations.Spec) -> torch.Tensor:
+        """The layer's normalization with ``act`` fused in (``SyncBatchNormAct``'s activation)."""
         self._check_input_dim(input)
         # One int compare; records the input rank for revert. Not while compiling: writing a
         # module attribute from compiled code costs a recompilation on the next call.
         if not torch.compiler.is_compiling() and input.dim() != self._input_dim:
             self._input_dim = input.dim()
         if not self.training:
-            return eval_forward(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            output = eval_forward(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            return output if act.code == activations.IDENTITY.code else act.entry.fn(output, act.param)
         tracked = self.track_running_stats
         return training_forward(
             input,
@@ -109,6 +114,7 @@ class SyncBatchNorm(_BatchNorm):
             eps=self.eps,
             process_group=self.process_group,
             layer=self,
+            act=act,
         )
 
     def __deepcopy__(self, memo: dict) -> SyncBatchNorm:
@@ -124,7 +130,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 class SyncBatchNormAct(SyncBatchNorm):
-    r"""``SyncBatchNorm`` followed by an activation: the BatchNorm + activation layer of model zoos.
+    r"""``SyncBatchNorm`` followed by an activation, in one elementwise pass each way.
 
     The normalization is ``SyncBatchNorm``'s; the activation is one of ``syncbn.activations``
     with torch's functional formula: ``"identity"``, ``"relu"``, ``"leaky_relu"``
@@ -132,13 +138,32 @@ class SyncBatchNormAct(SyncBatchNorm):
     ``"silu"``, ``"gelu"`` (exact, not the tanh approximation) or ``"hardswish"``. The
     state_dict keys are those of ``nn.BatchNorm2d``.
 
+    Fused: in training mode the forward writes ``act(normalize(x))`` from the normalize pass,
+    and the backward takes the activation's derivative at the pre-activation it recomputes
+    from the saved input and statistics, so the layer saves for backward exactly what
+    ``SyncBatchNorm`` saves (the input). The result is that of ``nn.BatchNorm`` followed by
+    torch's functional activation (bitwise without a process group on CPU). Eval mode runs
+    ``F.batch_norm`` then the activation.
+
+    In place (``inplace=True``, for identity, leaky_relu with a positive slope and elu with a
+    positive alpha: activations that can be inverted): only the output is saved, and backward
+    recovers the pre-activation and the normalized input from it, which saves one
+    activation-sized tensor per layer. In eager training mode the output is written over the
+    input, which is returned (as ``nn.ReLU(inplace=True)`` does): the input then holds the
+    output, and autograd's version counter makes any other use of it that needs the old values
+    in backward an error. The input must not be a leaf tensor that requires grad (or a view of
+    one). Under ``torch.compile``, and in eval mode, the output is a new tensor and the input
+    is left alone. A weight with ``|w| < eps`` acts as ``eps`` with w's sign (``+eps`` for 0)
+    in training mode, since ``(y - bias) / w`` could not be recovered otherwise; its gradient
+    is applied to ``w`` unchanged (straight through, so a zero-initialised weight trains).
+
     ``convert_sync_batchnorm`` turns timm's ``BatchNormAct2d`` and ``SyncBatchNormAct`` into this
     layer. It keeps timm's ``drop`` and ``act`` children (so the state_dict keys stay timm's and
-    revert gives them back) and runs ``drop`` (unless it is ``nn.Identity``) before the
-    activation. When the table has an entry for ``act`` (``nn.ReLU``, ``nn.SiLU``, ...),
-    ``activation`` computes it and the child is not called; otherwise ``activation`` is
+    revert gives them back). When the table has an entry for ``act`` (``nn.ReLU``, ``nn.SiLU``,
+    ...), ``activation`` computes it and the child is not called; otherwise ``activation`` is
     ``"identity"`` and ``act`` runs as a module after it (``apply_act_module``): nothing is
-    ever dropped.
+    ever dropped. The activation is fused when ``drop`` is ``nn.Identity`` (or absent);
+    otherwise the layer normalizes, runs ``drop``, then the activation.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, process_group, bias: as for
@@ -146,6 +171,8 @@ class SyncBatchNormAct(SyncBatchNorm):
         activation: the activation's name in ``syncbn.activations.ACTIVATIONS``.
         activation_param: its parameter (negative slope, alpha), None for torch's default;
             only ``"leaky_relu"`` and ``"elu"`` take one.
+        inplace: save only the output for backward (see above); ValueError for an activation
+            that cannot be inverted.
     """
 
     def __init__(
@@ -158,34 +185,38 @@ class SyncBatchNormAct(SyncBatchNorm):
         process_group: dist.ProcessGroup | None = None,
         activation: str = "relu",
         activation_param: float | None = None,
+        inplace: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
     ) -> None:
-        resolved = activations.resolve(activation, activation_param)  # bad names fail before any allocation
+        spec = activations.spec(activation, activation_param, inplace)  # bad arguments fail before any allocation
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
         )
-        self.activation, self.activation_param = resolved
+        self.activation, self.activation_param, self.inplace = spec.name, spec.param, spec.inplace
 
     # True when the ``act`` child (a converted timm layer's) is an activation the table has no
     # entry for; ``activation`` is then "identity" and the child runs after it.
     apply_act_module: bool = False
+    # Class-level default for layers pickled before the flag existed.
+    inplace: bool = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = super().forward(input)
         drop = self._modules.get("drop")
-        if drop is not None and type(drop) is not nn.Identity:
-            output = drop(output)
-        output = activations.apply(output, self.activation, self.activation_param)
+        if drop is not None and type(drop) is not nn.Identity:  # a converted timm layer's dropout
+            output = activations.apply(drop(super().forward(input)), self.activation, self.activation_param)
+        else:
+            output = self._normalize(input, activations.spec(self.activation, self.activation_param, self.inplace))
         if self.apply_act_module:
             output = self.act(output)
         return output
 
     def extra_repr(self) -> str:
         param = "" if self.activation_param is None else f", activation_param={self.activation_param}"
-        return f"{super().extra_repr()}, activation={self.activation!r}{param}"
+        inplace = ", inplace=True" if self.inplace else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{param}{inplace}"
 
 
 class BatchNormXd(_BatchNorm):

@@ -1,9 +1,16 @@
 """The two passes of synchronized batch norm, and the rules around them.
 
     forward   local (sum, sum of squares, count) -> all_reduce -> global mean, invstd; running
-              statistics updated on the device -> y = (x - mean) * invstd * weight + bias
-    backward  local (sum_dy, sum_dy_xmu) -> all_reduce -> dx from the global sums; weight and
-              bias gradients stay local (DDP averages them like any other gradient)
+              statistics updated on the device -> y = act((x - mean) * invstd * weight + bias)
+    backward  local (sum_g, sum_g_xmu) with g = dy * act'(pre-activation) -> all_reduce -> dx
+              from the global sums; weight and bias gradients stay local (DDP averages them
+              like any other gradient)
+
+The activation (``Call.act``, a ``syncbn.activations.Spec``; identity for ``SyncBatchNorm``) is
+part of the two elementwise passes, not a pass of its own: backward recomputes the
+pre-activation from the saved input and statistics, so nothing is saved beyond what the
+normalization saves. In place (``Spec.inplace``), only the output is saved, and backward
+recovers the pre-activation and the normalized input from it (``inplace_weight``).
 
 Both wrappers of the passes import them from here: the autograd Function of
 ``syncbn.functional`` (eager mode) and the custom ops of ``syncbn.custom_ops`` (under
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from . import activations, distributed
 from .ops import backend_for
 
 
@@ -43,7 +50,8 @@ class RunningStats:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """How one layer call communicates: over which group, whether at all, and under what name.
+    """How one layer call computes (eps, the fused activation) and communicates: over which
+    group, whether at all, and under what name.
 
     ``layer`` (the module, or its name) only names the layer in debug checks and error messages.
     """
@@ -52,6 +60,7 @@ class Call:
     process_group: dist.ProcessGroup | None
     sync: bool
     layer: torch.nn.Module | str | None = None
+    act: activations.Spec = activations.IDENTITY
 
     @property
     def name(self) -> str:
@@ -107,30 +116,50 @@ def count_batch(
     return RunningStats(running_mean, running_var, momentum)
 
 
+def inplace_weight(weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """The weight the in-place layer normalizes with: ``weight``, with ``|w| < eps`` raised to ``eps``.
+
+    Backward recovers the normalized input as ``(y - bias) / w`` from the output alone: a weight
+    of 0 leaves nothing to recover, a tiny one amplifies the output's rounding. So a channel
+    whose ``|w|`` is below the layer's ``eps`` (InPlace-ABN's choice of floor) normalizes with
+    ``eps`` of the weight's sign (+eps for 0) in training mode, and the gradient for that
+    effective weight goes to ``w`` as it is (straight through), so a weight initialised to 0
+    (``zero_init_residual``) trains as in ``nn.BatchNorm``. NaN stays NaN.
+    """
+    if weight is None:
+        return None
+    return weight.abs().clamp_(min=eps).copysign_(weight)
+
+
 def forward_pass(
     input: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     running: RunningStats | None,
     call: Call,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The training-mode forward: ``(output, mean, invstd, count)``.
 
     ``mean`` and friends are None when there is nothing to normalize (no channels, or an empty
-    batch across the group): the output is then empty and there is no backward.
+    batch across the group): the output is then empty and there is no backward. ``overwrite``
+    (the in-place layer in eager mode): the output is written over ``input``, and is ``input``.
     """
     channels = input.shape[1]
     if channels == 0:
         # No statistics to share: every rank of the group has the same C (a layer property).
-        return torch.empty_like(input), None, None, None
+        return (input if overwrite else torch.empty_like(input)), None, None, None
     if call.sync and distributed.debug_enabled():
         distributed.check_consistency("forward", call.process_group, channels, input.dtype, call.name, input.device)
+    act = call.act
+    if act.inplace:
+        weight = inplace_weight(weight, call.eps)
     ops = backend_for(input)
     local_count = input.numel() // channels
     if not call.sync:
         if local_count <= 1:
-            return _too_few_values(local_count, input, call)
-        local = ops.local_batch_norm(input, weight, bias, running, call.eps)
+            return _too_few_values(local_count, input, call, overwrite)
+        local = ops.local_batch_norm(input, weight, bias, running, call.eps, act=act, overwrite=overwrite)
         if local is not None:
             return (*local, None)  # count None: the backward takes the one-call kernel too
 
@@ -142,15 +171,20 @@ def forward_pass(
             # so all ranks of a group with a global count of 0 or 1 take the same branch.
             global_count = int(stats[-1].item())
             if global_count <= 1:
-                return _too_few_values(global_count, input, call)
+                return _too_few_values(global_count, input, call, overwrite)
 
     output, mean, invstd = ops.finalize_normalize(
-        input, stats, eps=call.eps, weight=weight, bias=bias, running=running, scratch=scratch
-    )
+        input, stats, eps=call.eps, weight=weight, bias=bias, running=running, scratch=scratch,
+        act=act, overwrite=overwrite,
+    )  # fmt: skip
+    if overwrite and output is not input:  # the backend read a copy (strides it cannot walk)
+        output = input.copy_(output)
     return output, mean, invstd, stats[-1]
 
 
-def _too_few_values(count: int, input: torch.Tensor, call: Call) -> tuple[torch.Tensor, None, None, None]:
+def _too_few_values(
+    count: int, input: torch.Tensor, call: Call, overwrite: bool
+) -> tuple[torch.Tensor, None, None, None]:
     """The global-count rules: nothing to normalize for 0 values, nn.BatchNorm's error for 1."""
     if count == 1:
         where = "across the process group" if call.sync else "in the batch"
@@ -158,13 +192,14 @@ def _too_few_values(count: int, input: torch.Tensor, call: Call) -> tuple[torch.
             f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
             f"(this rank's input size: {tuple(input.shape)})"
         )
-    return torch.empty_like(input), None, None, None
+    return (input if overwrite else torch.empty_like(input)), None, None, None
 
 
 def backward_pass(
     grad_output: torch.Tensor,
-    input: torch.Tensor,
+    saved: torch.Tensor,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     invstd: torch.Tensor,
     count: torch.Tensor | None,
@@ -174,36 +209,48 @@ def backward_pass(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_input, grad_weight, grad_bias)``, None where ``needs_grad`` says not needed.
 
-    The all-reduce happens only when the input gradient is needed (weight and bias gradients
-    are local): every rank of the group must agree on that, as on everything else. ``count``
-    None means the forward ran the backend's one-call local kernel (no group).
+    ``saved`` is the input, or the output for an in-place activation (``call.act.inplace``);
+    ``bias`` is needed only when ``call.act.needs_pre_activation``. The all-reduce happens only
+    when the input gradient is needed (weight and bias gradients are local): every rank of the
+    group must agree on that, as on everything else. ``count`` None means the forward ran the
+    backend's one-call local kernel (no group).
     """
+    act = call.act
+    if act.inplace:
+        weight = inplace_weight(weight, call.eps)
+    ops = backend_for(saved)
     if count is None:
-        return backend_for(input).local_batch_norm_backward(
-            grad_output, input, weight, mean, invstd, call.eps, needs_grad
+        return ops.local_batch_norm_backward(
+            grad_output, saved, weight, mean, invstd, call.eps, needs_grad, bias=bias, act=act
         )
     need_input, need_weight, need_bias = needs_grad
-    channels = input.shape[1]
+    channels = saved.shape[1]
     if call.sync and distributed.debug_enabled():
         distributed.check_consistency(
-            "backward", call.process_group, channels, input.dtype, call.name, input.device, input_grad=need_input
+            "backward", call.process_group, channels, saved.dtype, call.name, saved.device, input_grad=need_input
         )
-    ops = backend_for(input)
-    # [sum_dy, sum_dy_xmu], local, and the weight and bias gradients (never views of sums,
-    # which the all-reduce below changes in place)
+    # What the reduce and elementwise passes read (the torch-ops path works out dy * act' here,
+    # once for both; the kernels do it on the fly), then [sum_g, sum_g_xmu], local, and the
+    # weight and bias gradients (never views of sums, which the all-reduce changes in place).
+    grad, source, centre, act = ops.backward_prepare(grad_output, saved, mean, invstd, weight, bias, act)
     sums, grad_weight, grad_bias = ops.backward_reduce_affine(
-        grad_output,
-        input,
-        mean,
+        grad,
+        source,
+        centre,
         invstd,
         weight_dtype=weight.dtype if need_weight else None,
         bias_dtype=bias_dtype if need_bias else None,
+        act=act,
+        weight=weight,
+        bias=bias,
     )
     grad_input = None
     if need_input:
         if call.sync:
             _all_reduce(sums, call, "backward all-reduce", channels)
-        grad_input = ops.backward_elemt(grad_output, input, mean, invstd, weight, sums, count)
+        grad_input = ops.backward_elemt(grad, source, centre, invstd, weight, sums, count, act=act, bias=bias)
+        if grad_input.dtype != saved.dtype:  # the torch-ops path inverts half-precision outputs in float32
+            grad_input = grad_input.to(saved.dtype)
     return grad_input, grad_weight, grad_bias
 
 

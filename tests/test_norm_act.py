@@ -64,7 +64,7 @@ def test_signature_is_syncbatchnorms_plus_the_activation():
     names = [p.name for p in params]
     assert names == [
         "self", "num_features", "eps", "momentum", "affine", "track_running_stats", "process_group",
-        "activation", "activation_param", "device", "dtype", "bias",
+        "activation", "activation_param", "inplace", "device", "dtype", "bias",
     ]  # fmt: skip
     for p in base:
         assert params[names.index(p.name)].default == p.default and params[names.index(p.name)].kind == p.kind

@@ -30,10 +30,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..activations import IDENTITY, Spec
 from ..dtypes import HALF_DTYPES, stat_dtype
 
 if TYPE_CHECKING:
     from ..passes import RunningStats
+_aten = torch.ops.aten
+
 # The eval-mode kernels below run with var = 1 so that their 1/sqrt(var + eps) is exactly 1.
 # F.batch_norm rejects eps = 0 (torch 2.11), so eps is one that 1 + eps rounds away in any
 # floating type (and that is still a normal float32).
@@ -210,6 +213,41 @@ def _channels_inner(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and (x.dim() == 2 or (x.stride(1) == 1 and x.shape[1] > 1))
 
 
+def _affine(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(x - mean) * invstd * weight + bias`` in x's dtype and memory format, into ``out`` if given.
+
+    Bitwise what ATen's training kernel writes (``torch.native_batch_norm``, so ``nn.BatchNorm``)
+    with these statistics: ``x * a + (bias - mean * a)`` with ``a = invstd * weight``, by the
+    same kernels. The fused activation's backward recomputes the pre-activation with it, so that
+    the derivative is taken at exactly the value the forward activated, kinks included.
+    """
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    if _channels_inner(x):
+        # y = x * scale + (bias - mean * scale): a per-channel broadcast along the contiguous
+        # axis, which TensorIterator vectorizes (twice as fast as the batch-norm kernel here).
+        # Computed in the statistics' dtype, rounded once into x's dtype and memory format.
+        shift = -mean * scale if bias is None else torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1.0)
+        out = torch.empty_like(x) if out is None else out
+        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()), out=out)
+    shift = None if bias is None else bias.to(invstd.dtype)
+    one = torch.ones_like(invstd)
+    # var = 1: the kernel's own 1/sqrt(var + eps) is exactly 1.
+    if out is None:
+        return torch.batch_norm(x, scale, shift, mean, one, False, 0.0, UNIT_EPS, False)
+    unused = invstd.new_empty((0,))
+    _aten.native_batch_norm.out(
+        x, scale, shift, mean, one, False, 0.0, UNIT_EPS, out=out, save_mean=unused, save_invstd=unused.clone()
+    )
+    return out
+
+
 def normalize(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -217,31 +255,28 @@ def normalize(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     scratch: Centred | None = None,
+    *,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> torch.Tensor:
-    """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format.
+    """``y = act((x - mean) * invstd * weight + bias)`` in x's dtype and memory format.
 
-    With ``scratch`` from ``forward_stats``, the output is written over ``scratch.values``.
+    With ``scratch`` from ``forward_stats``, the output is written over ``scratch.values``;
+    with ``overwrite``, over ``x``. An activation runs in place on the output (its ATen kernel),
+    after ``_affine``'s pre-activation, which its backward recomputes.
     """
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    if scratch is not None:
+    if act.code == IDENTITY.code and scratch is not None and not overwrite:
         z = scratch.values
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         shift = (scratch.pivot - mean).mul_(scale)
         if bias is not None:
             shift.add_(bias.to(shift.dtype))
         # y = (x - pivot) * scale + ((pivot - mean) * scale + bias), in place over z (a
         # contiguous (N, C, S) tensor: two vectorized in-place passes beat one broadcast addcmul)
         return z.mul_(_channel_view(scale, z.dim())).add_(_channel_view(shift, z.dim()))
-    if _channels_inner(x):
-        # y = x * scale + (bias - mean * scale): a per-channel broadcast along the contiguous
-        # axis, which TensorIterator vectorizes (twice as fast as the batch-norm kernel here).
-        # Computed in the statistics' dtype, rounded once into x's dtype and memory format.
-        shift = -mean * scale if bias is None else torch.addcmul(bias.to(scale.dtype), mean, scale, value=-1.0)
-        out = torch.empty_like(x)
-        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()), out=out)
-    shift = None if bias is None else bias.to(invstd.dtype)
-    one = torch.ones_like(invstd)
-    # var = 1: the kernel's own 1/sqrt(var + eps) is exactly 1.
-    return torch.batch_norm(x, scale, shift, mean, one, False, 0.0, UNIT_EPS, False)
+    out = x if overwrite else None if scratch is None else scratch.values
+    y = _affine(x, mean, invstd, weight, bias, out)
+    return act.entry.fn_(y, act.param)
 
 
 def finalize_normalize(
@@ -253,18 +288,22 @@ def finalize_normalize(
     bias: torch.Tensor | None,
     running: RunningStats | None,
     scratch: Centred | None = None,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finalize`` then ``normalize``: ``(output, mean, invstd)``, statistics in ``stat_dtype``."""
     count = stats[-1]  # a 0-d tensor, never read back to the host
     mean, var = _moments(stats, count, stat_dtype(x.dtype))
     if running is not None:
         _update_running(running, mean, var, count)
-    if scratch is None and not _channels_inner(x) and _params_match(weight, bias, mean.dtype):
-        # The eval-mode kernel with the global mean and variance is the whole normalize pass.
+    plain = act.code == IDENTITY.code and not overwrite
+    if plain and scratch is None and not _channels_inner(x) and _params_match(weight, bias, mean.dtype):
+        # The eval-mode kernel with the global mean and variance is the whole normalize pass
+        # (its own invstd may differ from the saved one in the last bit: no recomputing from it).
         y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
         return y, mean, (var + eps).rsqrt_()
     invstd = (var + eps).rsqrt_()
-    return normalize(x, mean, invstd, weight, bias, scratch), mean, invstd
+    return normalize(x, mean, invstd, weight, bias, scratch, act=act, overwrite=overwrite), mean, invstd
 
 
 def _params_match(weight: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -294,6 +333,42 @@ def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor)
     return torch.cat([sum_dy, sum_dy_xmu]).to(mean.dtype)
 
 
+def backward_prepare(
+    grad_out: torch.Tensor,
+    saved: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act: Spec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spec]:
+    """``(grad, source, centre, IDENTITY)``: what the normalization's backward reads for ``act``.
+
+    The activation's share of the backward done once, in ATen's kernels, so that
+    ``backward_reduce_affine`` and ``backward_elemt`` run as for plain batch norm on
+    ``grad = dy * act'(pre)`` and ``source - centre = x - mean``:
+
+    - an activation on the saved input: the pre-activation recomputed by ``_affine`` (bitwise
+      the forward's), then the activation's backward kernel written over it;
+    - in place (``saved`` is the output y): ``grad`` from y, and ``source = (z - bias) /
+      (invstd * weight)`` with ``z = act^-1(y)``, centred at 0; in float32 for half-precision y.
+    """
+    if act.code == IDENTITY.code and not act.inplace or saved.numel() == 0:
+        return grad_out, saved, mean, IDENTITY
+    entry = act.entry
+    grad_out = _grad_like(grad_out, saved)
+    if not act.inplace:
+        pre = _affine(saved, mean, invstd, weight, bias)
+        return entry.grad(grad_out, pre, act.param), saved, mean, IDENTITY
+    y = saved.float() if saved.dtype in HALF_DTYPES else saved
+    grad = entry.grad_from_output(grad_out.to(y.dtype), y, act.param)
+    pre = entry.inverse(y, act.param)
+    inv_scale = (invstd if weight is None else invstd * weight.to(invstd.dtype)).reciprocal()
+    centre = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
+    xmu = _affine(pre, centre, inv_scale, None, None, out=None if pre is y else pre)
+    return grad, xmu, torch.zeros_like(invstd), IDENTITY
+
+
 def backward_reduce_affine(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -302,11 +377,17 @@ def backward_reduce_affine(
     *,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
+    act: Spec = IDENTITY,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(sums, grad_weight, grad_bias)``: ``backward_reduce`` plus the local weight and bias
     gradients, ``sum_dy_xmu * invstd`` in ``weight_dtype`` and ``sum_dy`` in ``bias_dtype``
     (None when the dtype is None). The gradients never share memory with ``sums``, which the
-    caller all-reduces in place."""
+    caller all-reduces in place. With an activation (``weight``, ``bias``: the layer's), the
+    sums are those of ``dy * act'(pre)`` (``backward_prepare``; ``x`` is the output in place)."""
+    if act != IDENTITY:
+        grad_out, x, mean, _ = backward_prepare(grad_out, x, mean, invstd, weight, bias, act)
     channels = x.shape[1]
     if x.is_cuda or x.numel() == 0:
         sums = backward_reduce(grad_out, x, mean)
@@ -331,12 +412,20 @@ def backward_elemt(
     weight: torch.Tensor | None,
     sums: torch.Tensor,
     count: torch.Tensor,
+    *,
+    act: Spec = IDENTITY,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Input gradient from the global ``sums = [sum_dy, sum_dy_xmu]`` and global ``count``.
 
     ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``, as
-    ``dx = scale * dy + (x - mean) * xmu_coef + const`` with per-channel coefficients.
+    ``dx = scale * dy + (x - mean) * xmu_coef + const`` with per-channel coefficients. With an
+    activation, ``dy`` is ``dy * act'(pre)`` (``backward_prepare``; ``x`` is the output in place).
     """
+    if act != IDENTITY:
+        dtype = x.dtype
+        grad_out, x, mean, _ = backward_prepare(grad_out, x, mean, invstd, weight, bias, act)
+        return backward_elemt(grad_out, x, mean, invstd, weight, sums, count).to(dtype)
     channels = x.shape[1]
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -372,12 +461,17 @@ def local_batch_norm(
     bias: torch.Tensor | None,
     running: RunningStats | None,
     eps: float,
+    *,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(output, mean, invstd)`` of a batch with no collective, or None where the generic
-    passes must run: off the CPU (a 0-d momentum would be read back from the device), and for
+    passes must run: off the CPU (a 0-d momentum would be read back from the device), for
     half-precision input without float32 parameters (ATen would keep its statistics in half
-    precision). The caller guarantees at least 2 values per channel."""
-    if x.device.type != "cpu":
+    precision), and in place (its backward reads the output, not ATen's saved input). An
+    activation runs in place on ATen's output: the forward is exactly ``nn.BatchNorm`` then
+    torch's activation. The caller guarantees at least 2 values per channel."""
+    if x.device.type != "cpu" or act.inplace or overwrite:
         return None
     if x.dtype in HALF_DTYPES and not any(t is not None for t in (weight, running)):
         return None
@@ -387,7 +481,8 @@ def local_batch_norm(
         running_mean, running_var, momentum = running.mean, running.var, running.momentum
         if isinstance(momentum, torch.Tensor):
             momentum = float(momentum)  # a CPU tensor: no device sync
-    return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+    return act.entry.fn_(y, act.param), mean, invstd
 
 
 def local_batch_norm_backward(
@@ -398,9 +493,18 @@ def local_batch_norm_backward(
     invstd: torch.Tensor,
     eps: float,
     needs_grad: tuple[bool, bool, bool],
+    *,
+    bias: torch.Tensor | None = None,
+    act: Spec = IDENTITY,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward of ``local_batch_norm``: ``(grad_input, grad_weight, grad_bias)``."""
+    """The backward of ``local_batch_norm``: ``(grad_input, grad_weight, grad_bias)``.
+
+    With an activation, its backward kernel on the recomputed pre-activation (bitwise ATen's
+    forward output, see ``_affine``) first: bitwise autograd through ``nn.BatchNorm`` and
+    torch's activation.
+    """
+    grad_out = _grad_like(grad_out, x)
+    if act.code != IDENTITY.code:
+        grad_out = act.entry.grad(grad_out, _affine(x, mean, invstd, weight, bias), act.param)
     mask = [needs_grad[0], needs_grad[1] and weight is not None, needs_grad[2]]
-    return torch.ops.aten.native_batch_norm_backward(
-        _grad_like(grad_out, x), x, weight, None, None, mean, invstd, True, eps, mask
-    )
+    return torch.ops.aten.native_batch_norm_backward(grad_out, x, weight, None, None, mean, invstd, True, eps, mask)

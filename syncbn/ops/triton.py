@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..activations import CODES, IDENTITY, Spec, elu_inverse_floor
 from .fast_launch import launch
 from .launch_plan import Plan, cdiv, dense, match_layout, next_pow2
 
@@ -56,24 +57,159 @@ if TYPE_CHECKING:
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
+# The activations' numbers (syncbn.activations.CODES): the ACT constexpr of the kernels below.
+_IDENTITY = tl.constexpr(CODES["identity"])
+_RELU = tl.constexpr(CODES["relu"])
+_LEAKY_RELU = tl.constexpr(CODES["leaky_relu"])
+_ELU = tl.constexpr(CODES["elu"])
+_SILU = tl.constexpr(CODES["silu"])
+_GELU = tl.constexpr(CODES["gelu"])
+_HARDSWISH = tl.constexpr(CODES["hardswish"])
+
 
 @triton.jit
-def _step_terms(x, dy, mask, pivot, GRAD: tl.constexpr):
+def _expm1(z):
+    """``exp(z) - 1`` without the cancellation near 0 (Kahan: ``(u - 1) * z / log(u)``)."""
+    u = tl.exp(z)
+    um1 = u - 1.0
+    exact = (u == 1.0) | (um1 == -1.0)  # the formula's 0 / 0 and -inf / -inf: z itself, or -1
+    ratio = um1 * z / tl.log(tl.where(exact, 2.0, u))
+    return tl.where(u == 1.0, z, tl.where(um1 == -1.0, -1.0, ratio))
+
+
+@triton.jit
+def _log1p(v):
+    """``log(1 + v)`` without the cancellation near 0 (Kahan: ``log(w) * v / (w - 1)``)."""
+    w = 1.0 + v
+    return tl.where(w == 1.0, v, tl.log(w) * v / tl.where(w == 1.0, 1.0, w - 1.0))
+
+
+@triton.jit
+def _activate(z, param, ACT: tl.constexpr):
+    """``act(z)``: the formulas of ``syncbn.activations`` (torch's); NaN stays NaN."""
+    if ACT == _RELU:
+        return tl.where(z < 0.0, 0.0, z)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(z > 0.0, z, z * param)
+    elif ACT == _ELU:
+        return tl.where(z > 0.0, z, param * _expm1(z))
+    elif ACT == _SILU:
+        return z / (1.0 + tl.exp(-z))
+    elif ACT == _GELU:
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACT == _HARDSWISH:
+        return z * tl.minimum(tl.where(z + 3.0 < 0.0, 0.0, z + 3.0), 6.0) / 6.0
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, param, ACT: tl.constexpr):
+    """``act'(z)`` from the pre-activation, with torch's backward kernels' sides at the kinks."""
+    if ACT == _RELU:
+        return tl.where(z <= 0.0, 0.0, 1.0)
+    elif ACT == _LEAKY_RELU:
+        return tl.where(z > 0.0, 1.0, param)
+    elif ACT == _ELU:
+        return tl.where(z <= 0.0, param * tl.exp(z), 1.0)
+    elif ACT == _SILU:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    elif ACT == _GELU:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        return cdf + z * (tl.exp(-0.5 * z * z) * 0.3989422804014327)
+    elif ACT == _HARDSWISH:
+        return tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, z / 3.0 + 0.5, 1.0))
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _inverse(y, param, floor, ACT: tl.constexpr):
+    """The pre-activation from the output of an invertible activation (``floor``: elu's
+    smallest ``y / alpha``, see ``syncbn.activations.elu_inverse_floor``)."""
+    if ACT == _LEAKY_RELU:
+        return tl.where(y > 0.0, y, y / param)
+    elif ACT == _ELU:
+        ratio = y / param
+        return tl.where(y > 0.0, y, _log1p(tl.where(ratio < floor, floor, ratio)))
+    else:
+        return y
+
+
+@triton.jit
+def _grad_from_output(y, param, ACT: tl.constexpr):
+    """``act'`` of an invertible activation from its output (torch's in-place backward)."""
+    if ACT == _LEAKY_RELU:
+        return tl.where(y > 0.0, 1.0, param)
+    elif ACT == _ELU:
+        return tl.where(y <= 0.0, y + param, 1.0)
+    else:
+        return tl.full(y.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _pre_activation(x, mean, scale, shift):
+    """``(x - mean) * scale + shift``: the one expression of the normalized output, which the
+    backward kernels recompute exactly as the forward wrote it."""
+    return (x - mean) * scale + shift
+
+
+@triton.jit
+def _grad_terms(x, dy, mean, scale, shift, inv_scale, param, floor, ACT: tl.constexpr, INPLACE: tl.constexpr):
+    """``(x - mean, dy * act'(pre))`` at the values a backward kernel loaded.
+
+    ``x`` is the input; INPLACE, the output y, from which ``pre = act^-1(y)`` and
+    ``x - mean = (pre - shift) * inv_scale`` (``inv_scale = 1 / (invstd * w)``).
+    """
+    if INPLACE:
+        pre = _inverse(x, param, floor, ACT)
+        return (pre - shift) * inv_scale, dy * _grad_from_output(x, param, ACT)
+    else:
+        xmu = x - mean
+        return xmu, dy * _activation_grad(xmu * scale + shift, param, ACT)
+
+
+@triton.jit
+def _scale_shift(invstd, c, mask, weight_ptr, bias_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel ``(invstd * w, b)`` in float32 (1 and 0 for an absent weight and bias)."""
+    if HAS_WEIGHT:
+        scale = invstd * tl.load(weight_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    else:
+        scale = invstd
+    if HAS_BIAS:
+        shift = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros_like(scale)
+    return scale, shift
+
+
+@triton.jit
+def _step_terms(
+    x, dy, mask, pivot, scale, shift, inv_scale, param, floor,
+    GRAD: tl.constexpr, ACT: tl.constexpr, INPLACE: tl.constexpr,
+):  # fmt: skip
     """One step's terms of the two tile sums, 0 where masked.
 
-    GRAD: ``dy`` and ``dy * (x - mean)`` (``pivot`` is the global mean); statistics: ``d`` and
-    ``d * d`` with ``d = x - pivot``.
+    GRAD: ``g`` and ``g * (x - mean)`` with ``g = dy * act'(pre)`` (``pivot`` is the global
+    mean; ``g = dy`` for the identity); statistics: ``d`` and ``d * d`` with ``d = x - pivot``.
     """
-    d = tl.where(mask, x - pivot, 0.0)
     if GRAD:
-        return dy, dy * d
+        if ACT != _IDENTITY or INPLACE:
+            xmu, g = _grad_terms(x, dy, pivot, scale, shift, inv_scale, param, floor, ACT, INPLACE)
+            g = tl.where(mask, g, 0.0)
+            return g, g * tl.where(mask, xmu, 0.0)
+        else:
+            d = tl.where(mask, x - pivot, 0.0)
+            return dy, dy * d
     else:
+        d = tl.where(mask, x - pivot, 0.0)
         return d, d * d
 
 
 @triton.jit
 def _store_partials(part_ptr, c, c_mask, t, C, T, s1, s2, pivot, count, GRAD: tl.constexpr):
-    """Tile ``t``'s partials of channels ``c``: ``[sum dy, sum dy*(x-mean)]`` (GRAD), else
+    """Tile ``t``'s partials of channels ``c``: ``[sum g, sum g*(x-mean)]`` (GRAD), else
     ``[tile mean - pivot, tile M2, pivot]`` from the sums of ``d = x - pivot`` over ``count`` values."""
     if GRAD:
         tl.store(part_ptr + c * T + t, s1, mask=c_mask)
@@ -85,6 +221,22 @@ def _store_partials(part_ptr, c, c_mask, t, C, T, s1, s2, pivot, count, GRAD: tl
         m2 = s2 - s1 * (s1 / count)
         tl.store(part_ptr + C * T + c * T + t, tl.where(m2 < 0.0, 0.0, m2), mask=c_mask)  # keeps NaN
         tl.store(part_ptr + 2 * C * T + c * T + t, pivot, mask=c_mask)
+
+
+@triton.jit
+def _grad_channel_params(
+    c, mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, INPLACE: tl.constexpr,
+):  # fmt: skip
+    """What a GRAD reduction needs per channel: ``(mean, scale, shift, inv_scale)``, the last
+    three only for an activation (placeholders otherwise)."""
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if ACT != _IDENTITY or INPLACE:
+        invstd = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
+        scale, shift = _scale_shift(invstd, c, mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
+        return mean, scale, shift, 1.0 / scale
+    else:
+        return mean, mean, mean, mean
 
 
 @triton.jit
@@ -111,10 +263,15 @@ def _ncs_step(
 
 @triton.jit(do_not_specialize=["N", "C", "rows_per", "col_splits", "c_blocks", "T"])
 def _reduce_ncs_kernel(
-    x_ptr,  # (N, C, S) contiguous input
+    x_ptr,  # (N, C, S) contiguous input (GRAD and INPLACE: the layer's output)
     dy_ptr,  # (N, C, S) contiguous grad_out (GRAD only)
     mean_ptr,  # (C,) global mean (GRAD only)
-    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot]; GRAD: (2, C, T) [sum dy, sum dy*(x-mean)]
+    invstd_ptr,  # (C,) global invstd (GRAD with an activation)
+    weight_ptr,  # (C,) (GRAD with an activation, HAS_WEIGHT)
+    bias_ptr,  # (C,) (GRAD with an activation, HAS_BIAS)
+    part_ptr,  # (3, C, T) float32 out: [tile mean - pivot, tile M2, pivot]; GRAD: (2, C, T) [sum g, sum g*(x-mean)]
+    act_param,  # the activation's parameter (negative slope, alpha)
+    act_floor,  # elu's smallest y / alpha (INPLACE)
     N,
     C,
     S,
@@ -126,6 +283,10 @@ def _reduce_ncs_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cb = pid % c_blocks  # neighbouring programs read neighbouring channels
@@ -151,10 +312,15 @@ def _reduce_ncs_kernel(
         BLOCK_S, GRAD,
     )  # fmt: skip
     if GRAD:
-        pivot = tl.load(mean_ptr + c0 + c_local, mask=c_mask, other=0.0).to(tl.float32)
+        pivot, scale, shift, inv_scale = _grad_channel_params(
+            c0 + c_local, c_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACT, INPLACE
+        )
     else:
         pivot = tl.sum(x, axis=1) / tl.minimum(s_hi - s_lo, BLOCK_S).to(tl.float32)
-    acc1, acc2 = _step_terms(x, dy, mask, pivot[:, None], GRAD)
+        scale, shift, inv_scale = pivot, pivot, pivot
+    # broadcast over the tile once
+    p_b, scale_b, shift_b, inv_b = pivot[:, None], scale[:, None], shift[:, None], inv_scale[:, None]
+    acc1, acc2 = _step_terms(x, dy, mask, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
 
     # Two steps per iteration, so that two loads are in flight before either is used.
     for k in range(1, n_iter, 2):
@@ -166,15 +332,16 @@ def _reduce_ncs_kernel(
             x_ptr, dy_ptr, k + 1, n_iter, n_lo, s_lo, s_hi, chunks, c0, C, S, offs, c_mask,
             s_offs, BLOCK_S, GRAD,
         )  # fmt: skip
-        a1, a2 = _step_terms(xa, dya, ma, pivot[:, None], GRAD)
-        b1, b2 = _step_terms(xb, dyb, mb, pivot[:, None], GRAD)
+        a1, a2 = _step_terms(xa, dya, ma, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
+        b1, b2 = _step_terms(xb, dyb, mb, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
         acc1 += a1 + b1
         acc2 += a2 + b2
 
     count = ((n_hi - n_lo) * (s_hi - s_lo)).to(tl.float32)
     _store_partials(
-        part_ptr, c0 + c_local, c_mask, t, C, T, tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), pivot, count, GRAD
-    )
+        part_ptr, c0 + c_local, c_mask, t, C, T, tl.sum(acc1, axis=1), tl.sum(acc2, axis=1),
+        pivot, count, GRAD,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -199,10 +366,15 @@ def _mc_step(
 
 @triton.jit(do_not_specialize=["M", "rows_per", "c_blocks", "T"])
 def _reduce_mc_kernel(
-    x_ptr,  # (M, C) row-major input
+    x_ptr,  # (M, C) row-major input (GRAD and INPLACE: the layer's output)
     dy_ptr,  # (M, C) row-major grad_out (GRAD only)
-    mean_ptr,  # (C,) global mean (GRAD only)
+    mean_ptr,  # the per-channel arguments as in _reduce_ncs_kernel
+    invstd_ptr,
+    weight_ptr,
+    bias_ptr,
     part_ptr,  # (3 or 2, C, T) float32 out, as in _reduce_ncs_kernel
+    act_param,
+    act_floor,
     M,
     C,
     rows_per,  # rows per tile (a multiple of BLOCK_M)
@@ -211,6 +383,10 @@ def _reduce_mc_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     GRAD: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cb = pid % c_blocks
@@ -226,16 +402,21 @@ def _reduce_mc_kernel(
 
     x, dy, mask = _mc_step(x_ptr, dy_ptr, 0, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
     if GRAD:
-        pivot = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        pivot, scale, shift, inv_scale = _grad_channel_params(
+            c, c_mask, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS, ACT, INPLACE
+        )
     else:
         pivot = tl.sum(x, axis=0) / tl.minimum(m_hi - m_lo, BLOCK_M).to(tl.float32)
-    acc1, acc2 = _step_terms(x, dy, mask, pivot[None, :], GRAD)
+        scale, shift, inv_scale = pivot, pivot, pivot
+    # broadcast over the tile once
+    p_b, scale_b, shift_b, inv_b = pivot[None, :], scale[None, :], shift[None, :], inv_scale[None, :]
+    acc1, acc2 = _step_terms(x, dy, mask, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
 
     for k in range(1, n_iter, 2):
         xa, dya, ma = _mc_step(x_ptr, dy_ptr, k, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
         xb, dyb, mb = _mc_step(x_ptr, dy_ptr, k + 1, m_lo, m_hi, C, offs, c_mask, m_offs, BLOCK_M, GRAD)
-        a1, a2 = _step_terms(xa, dya, ma, pivot[None, :], GRAD)
-        b1, b2 = _step_terms(xb, dyb, mb, pivot[None, :], GRAD)
+        a1, a2 = _step_terms(xa, dya, ma, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
+        b1, b2 = _step_terms(xb, dyb, mb, p_b, scale_b, shift_b, inv_b, act_param, act_floor, GRAD, ACT, INPLACE)
         acc1 += a1 + b1
         acc2 += a2 + b2
 
@@ -402,8 +583,10 @@ def _channel_coefs(
     FROM_STATS: tl.constexpr, HAS_RUNNING_MEAN: tl.constexpr, HAS_RUNNING_VAR: tl.constexpr,
     MOMENTUM_TENSOR: tl.constexpr,
 ):  # fmt: skip
-    """Per-channel (mean, a, b, k) with out = (x - mean) * a + b [+ dy * k], all float32.
+    """Per-channel (mean, a, b, k, shift) with out = (x - mean) * a + b [+ g * k], all float32.
 
+    ``k`` is ``invstd * w`` and ``shift`` the bias (0 without one, or in backward without an
+    activation): the pre-activation is ``(x - mean) * k + shift``.
     ``FROM_STATS`` (forward): mean and invstd come from the all-reduced statistics, and the
     channels in ``leader`` are finalized by this program (mean, invstd, running statistics
     written), which saves a launch; otherwise they are loaded from ``mean_ptr``, ``invstd_ptr``.
@@ -415,11 +598,8 @@ def _channel_coefs(
         )  # fmt: skip
     else:
         mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        scale = invstd * tl.load(weight_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    else:
-        scale = invstd
+        invstd = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    scale, shift = _scale_shift(invstd, c, mask, weight_ptr, bias_ptr, HAS_WEIGHT, HAS_BIAS)
     if BACKWARD:
         inv_count = 1.0 / tl.load(count_ptr).to(tl.float32)
         mean_dy = tl.load(sums_ptr + c, mask=mask, other=0.0).to(tl.float32) * inv_count
@@ -428,23 +608,42 @@ def _channel_coefs(
         b = -scale * mean_dy
     else:
         a = scale
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        b = shift
+    return mean, a, b, scale, shift
+
+
+@triton.jit
+def _elemt_values(
+    x, dy, mean, a, b, k, shift, act_param, act_floor,
+    BACKWARD: tl.constexpr, ACT: tl.constexpr, INPLACE: tl.constexpr,
+):  # fmt: skip
+    """What an elementwise program writes, from its loaded tile and broadcast coefficients.
+
+    Forward: ``act((x - mean) * a + b)``. Backward: ``(x - mean) * a + b + g * k`` with
+    ``g = dy * act'(pre)`` (``x - mean`` from the output when INPLACE).
+    """
+    if BACKWARD:
+        if ACT != _IDENTITY or INPLACE:
+            xmu, g = _grad_terms(x, dy, mean, k, shift, 1.0 / k, act_param, act_floor, ACT, INPLACE)
+            return xmu * a + b + g * k
         else:
-            b = tl.zeros_like(scale)
-    return mean, a, b, scale
+            out = _pre_activation(x, mean, a, b)
+            out += dy * k
+            return out
+    else:
+        return _activate(_pre_activation(x, mean, a, b), act_param, ACT)
 
 
 @triton.jit(do_not_specialize=["R", "C", "s_blocks"])
 def _elemt_ncs_kernel(
-    x_ptr,  # (N, C, S) contiguous input
+    x_ptr,  # (N, C, S) contiguous input (BACKWARD and INPLACE: the layer's output)
     dy_ptr,  # (N, C, S) contiguous grad_out (BACKWARD only)
-    out_ptr,  # (N, C, S) contiguous out: y, or grad_input (BACKWARD)
+    out_ptr,  # (N, C, S) contiguous out: y (may be x_ptr), or grad_input (BACKWARD)
     mean_ptr,  # (C,) in; out when FROM_STATS
     invstd_ptr,  # (C,) in; out when FROM_STATS
     weight_ptr,  # (C,) (HAS_WEIGHT)
-    bias_ptr,  # (C,) (HAS_BIAS, forward only)
-    sums_ptr,  # (2C,) global [sum dy, sum dy_xmu] (BACKWARD)
+    bias_ptr,  # (C,) (HAS_BIAS: forward, or backward with an activation)
+    sums_ptr,  # (2C,) global [sum g, sum g*(x-mean)] (BACKWARD)
     count_ptr,  # 0-d float64 global count (BACKWARD)
     stats_ptr,  # (2C+1,) float64 all-reduced statistics (FROM_STATS)
     running_mean_ptr,  # (C,) (FROM_STATS and HAS_RUNNING_MEAN)
@@ -452,6 +651,8 @@ def _elemt_ncs_kernel(
     momentum_ptr,  # 0-d (FROM_STATS and MOMENTUM_TENSOR)
     momentum,
     eps,
+    act_param,  # the activation's parameter (negative slope, alpha)
+    act_floor,  # elu's smallest y / alpha (BACKWARD and INPLACE)
     R,  # N * C rows of S values
     C,
     S,
@@ -465,6 +666,8 @@ def _elemt_ncs_kernel(
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
     MOMENTUM_TENSOR: tl.constexpr,
+    ACT: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rb = pid // s_blocks
@@ -476,7 +679,7 @@ def _elemt_ncs_kernel(
     mask = r_mask[:, None] & (s < S)[None, :]
     # Rows r < C are sample 0 of channel r: the first S block of each finalizes that channel.
     leader = r_mask & (r < C) & ((r * 0 + sb) == 0)  # a block-shaped mask (the interpreter wants one)
-    mean, a, b, k = _channel_coefs(
+    mean, a, b, k, shift = _channel_coefs(
         r % C, r_mask, leader, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr, count_ptr,
         stats_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum, eps, C,
         HAS_WEIGHT, HAS_BIAS, BACKWARD, FROM_STATS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR,
@@ -484,18 +687,22 @@ def _elemt_ncs_kernel(
     )  # fmt: skip
     offs = r0.to(tl.int64) * S + ((r - r0)[:, None] * S + s[None, :])
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (x - mean[:, None]) * a[:, None] + b[:, None]
     if BACKWARD:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out += dy * k[:, None]
+    else:
+        dy = x
+    out = _elemt_values(
+        x, dy, mean[:, None], a[:, None], b[:, None], k[:, None], shift[:, None], act_param, act_floor,
+        BACKWARD, ACT, INPLACE,
+    )  # fmt: skip
     tl.store(out_ptr + offs, out, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "c_blocks"])
 def _elemt_mc_kernel(
-    x_ptr,  # (M, C) row-major input
+    x_ptr,  # (M, C) row-major input (BACKWARD and INPLACE: the layer's output)
     dy_ptr,  # (M, C) row-major grad_out (BACKWARD only)
-    out_ptr,  # (M, C) row-major out
+    out_ptr,  # (M, C) row-major out (may be x_ptr)
     mean_ptr,  # the per-channel arguments as in _elemt_ncs_kernel
     invstd_ptr,
     weight_ptr,
@@ -508,6 +715,8 @@ def _elemt_mc_kernel(
     momentum_ptr,
     momentum,
     eps,
+    act_param,
+    act_floor,
     M,
     C,
     c_blocks,  # cdiv(C, BLOCK_C)
@@ -520,6 +729,8 @@ def _elemt_mc_kernel(
     HAS_RUNNING_MEAN: tl.constexpr,
     HAS_RUNNING_VAR: tl.constexpr,
     MOMENTUM_TENSOR: tl.constexpr,
+    ACT: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     mb = pid // c_blocks
@@ -529,7 +740,7 @@ def _elemt_mc_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mask = ((m0 + m_local) < M)[:, None] & c_mask[None, :]
-    mean, a, b, k = _channel_coefs(
+    mean, a, b, k, shift = _channel_coefs(
         c, c_mask, c_mask & ((c * 0 + mb) == 0), mean_ptr, invstd_ptr, weight_ptr, bias_ptr, sums_ptr,
         count_ptr, stats_ptr, running_mean_ptr, running_var_ptr, momentum_ptr, momentum, eps, C,
         HAS_WEIGHT, HAS_BIAS, BACKWARD, FROM_STATS, HAS_RUNNING_MEAN, HAS_RUNNING_VAR,
@@ -537,10 +748,14 @@ def _elemt_mc_kernel(
     )  # fmt: skip
     offs = m0.to(tl.int64) * C + (m_local[:, None] * C + c[None, :])
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = (x - mean[None, :]) * a[None, :] + b[None, :]
     if BACKWARD:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        out += dy * k[None, :]
+    else:
+        dy = x
+    out = _elemt_values(
+        x, dy, mean[None, :], a[None, :], b[None, :], k[None, :], shift[None, :], act_param, act_floor,
+        BACKWARD, ACT, INPLACE,
+    )  # fmt: skip
     tl.store(out_ptr + offs, out, mask=mask)
 
 
@@ -549,22 +764,46 @@ def _elemt_mc_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _reduce(x: torch.Tensor, plan: Plan, dy: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
+def _act_args(act: Spec, saved_dtype: torch.dtype) -> tuple[float, float]:
+    """The activation's runtime kernel arguments: its parameter and elu's inverse floor."""
+    param = 0.0 if act.param is None else float(act.param)
+    return param, elu_inverse_floor(saved_dtype) if act.inplace else 0.0
+
+
+def _reduce(
+    x: torch.Tensor,
+    plan: Plan,
+    dy: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    act: Spec = IDENTITY,
+    invstd: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Launch a reduce kernel; returns the (3 or 2, C, T) partials."""
     view, cfg = plan.view, plan.reduce
     grad = dy is not None
     part = torch.empty((2 if grad else 3, view.channels, cfg.tiles), dtype=torch.float32, device=x.device)
-    dy_arg = dy if grad else x
-    mean_arg = mean if grad else part
-    consts = dict(**cfg.blocks, GRAD=grad, num_warps=cfg.num_warps)
+    fused = grad and act.needs_pre_activation
+    per_channel = (
+        mean if grad else part,
+        invstd if fused else part,
+        weight if fused and weight is not None else part,
+        bias if fused and bias is not None else part,
+    )
+    consts = dict(
+        **cfg.blocks, GRAD=grad, HAS_WEIGHT=fused and weight is not None, HAS_BIAS=fused and bias is not None,
+        ACT=act.code if grad else 0, INPLACE=grad and act.inplace, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    head = (x, dy if grad else x, *per_channel, part, *_act_args(act, x.dtype))
     if view.kind == "ncs":
         args = (
-            x, dy_arg, mean_arg, part, view.rows, view.channels, view.inner,
+            *head, view.rows, view.channels, view.inner,
             cfg.rows_per, cfg.cols_per, cfg.col_splits, cfg.c_blocks, cfg.tiles,
         )  # fmt: skip
         launch(plan, _reduce_ncs_kernel, cfg.grid, args, consts)
     else:
-        args = (x, dy_arg, mean_arg, part, view.rows, view.channels, cfg.rows_per, cfg.c_blocks, cfg.tiles)
+        args = (*head, view.rows, view.channels, cfg.rows_per, cfg.c_blocks, cfg.tiles)
         launch(plan, _reduce_mc_kernel, cfg.grid, args, consts)
     return part
 
@@ -622,6 +861,9 @@ def local_batch_norm(
     bias: torch.Tensor | None,
     running: RunningStats | None,
     eps: float,
+    *,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> None:
     """No one-call path here: without a group the kernels run as usual, minus the all-reduce
     (they beat ATen's, and nothing is read back to the host)."""
@@ -670,11 +912,15 @@ def _elemt(
     stats: torch.Tensor | None = None,
     running: RunningStats | None = None,
     eps: float = 0.0,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> torch.Tensor:
-    """One elementwise pass: normalize, or the input gradient when ``grad = (dy, sums, count)``.
+    """One elementwise pass: normalize and activate, or the input gradient when ``grad = (dy,
+    sums, count)`` (``x`` is the output for an in-place activation).
 
     With ``stats`` (forward only), mean and invstd are outputs: the kernel finalizes them from
-    the all-reduced statistics and updates ``running`` on the way.
+    the all-reduced statistics and updates ``running`` on the way. ``overwrite`` (forward): the
+    output is written over ``x`` when the kernel reads ``x`` itself (dense strides).
     """
     x, plan = dense(x)
     view, cfg = plan.view, plan.elemt
@@ -684,17 +930,19 @@ def _elemt(
         dy = match_layout(dy, x, view)
     else:
         dy, sums, count = x, mean, mean
-    out = torch.empty_like(x)  # x is dense here: same strides, same view
+    out = x if overwrite and plan.dense and not backward else torch.empty_like(x)  # x is dense: same strides
     from_stats = stats is not None
     running_args, running_flags = _running_args(running, mean)
+    with_bias = bias is not None and (not backward or act.needs_pre_activation)
     args = (
         x, dy, out, mean, invstd,
-        weight if weight is not None else mean, bias if bias is not None else mean,
-        sums, count, stats if from_stats else mean, *running_args, float(eps),
+        weight if weight is not None else mean, bias if with_bias else mean,
+        sums, count, stats if from_stats else mean, *running_args, float(eps), *_act_args(act, x.dtype),
     )  # fmt: skip
     flags = dict(
-        **cfg.blocks, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None and not backward,
-        BACKWARD=backward, FROM_STATS=from_stats, num_warps=cfg.num_warps, **running_flags,
+        **cfg.blocks, HAS_WEIGHT=weight is not None, HAS_BIAS=with_bias, BACKWARD=backward,
+        FROM_STATS=from_stats, **running_flags, ACT=act.code, INPLACE=backward and act.inplace,
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     if view.kind == "ncs":
         args += (view.rows * view.channels, view.channels, view.inner, cfg.inner_blocks)
@@ -712,11 +960,14 @@ def normalize(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     scratch: None = None,
+    *,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> torch.Tensor:
-    """``y = (x - mean) * invstd * weight + bias`` in x's dtype and memory format."""
+    """``y = act((x - mean) * invstd * weight + bias)`` in x's dtype and memory format."""
     if x.numel() == 0:
-        return torch.empty_like(x)
-    return _elemt(x, mean, invstd, weight, bias=bias)
+        return x if overwrite else torch.empty_like(x)
+    return _elemt(x, mean, invstd, weight, bias=bias, act=act, overwrite=overwrite)
 
 
 def finalize_normalize(
@@ -728,6 +979,8 @@ def finalize_normalize(
     bias: torch.Tensor | None,
     running: RunningStats | None,
     scratch: None = None,
+    act: Spec = IDENTITY,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``finalize`` then ``normalize`` in one launch: ``(output, mean, invstd)``.
 
@@ -737,11 +990,27 @@ def finalize_normalize(
     """
     if x.numel() == 0:
         mean, invstd = finalize(stats, eps, running, torch.float32)
-        return torch.empty_like(x), mean, invstd
+        return (x if overwrite else torch.empty_like(x)), mean, invstd
     mean_invstd = torch.empty((2, x.shape[1]), dtype=torch.float32, device=x.device)
     mean, invstd = mean_invstd[0], mean_invstd[1]
-    out = _elemt(x, mean, invstd, weight, bias=bias, stats=stats, running=running, eps=eps)
+    out = _elemt(
+        x, mean, invstd, weight, bias=bias, stats=stats, running=running, eps=eps, act=act, overwrite=overwrite
+    )
     return out, mean, invstd
+
+
+def backward_prepare(
+    grad_out: torch.Tensor,
+    saved: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    act: Spec,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Spec]:
+    """Nothing to prepare: the kernels apply the activation's derivative (and, in place, its
+    inverse) to each value as they load it. Returns the arguments as they came."""
+    return grad_out, saved, mean, act
 
 
 def backward_reduce(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -757,11 +1026,16 @@ def backward_reduce_affine(
     *,
     weight_dtype: torch.dtype | None,
     bias_dtype: torch.dtype | None,
+    act: Spec = IDENTITY,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``backward_reduce`` plus the weight and bias gradients, written by the same merge launch.
 
     ``(sums, grad_weight, grad_bias)``: ``grad_weight = sum_dy_xmu * invstd`` in
     ``weight_dtype`` and ``grad_bias = sum_dy`` in ``bias_dtype``, each None when its dtype is.
+    With an activation, the sums are of ``g = dy * act'(pre)``, ``pre`` recomputed from ``x``,
+    ``invstd``, ``weight`` and ``bias`` (in place: ``x`` is the output, inverted).
     """
     channels = x.shape[1]
     grad_weight = None if weight_dtype is None else torch.empty(channels, dtype=weight_dtype, device=x.device)
@@ -773,7 +1047,7 @@ def backward_reduce_affine(
         return torch.zeros(2 * channels, dtype=mean.dtype, device=x.device), grad_weight, grad_bias
     x, plan = dense(x)
     dy = match_layout(grad_out, x, plan.view)
-    part = _reduce(x, plan, dy, mean)
+    part = _reduce(x, plan, dy, mean, act, invstd, weight, bias)
     sums = torch.empty(2 * channels, dtype=mean.dtype, device=x.device)
     _merge(part, sums, plan, True, invstd, grad_weight, grad_bias)
     return sums, grad_weight, grad_bias
@@ -787,11 +1061,15 @@ def backward_elemt(
     weight: torch.Tensor | None,
     sums: torch.Tensor,
     count: torch.Tensor,
+    *,
+    act: Spec = IDENTITY,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Input gradient from the global ``sums = [sum_dy, sum_dy_xmu]`` and the global ``count``.
 
-    ``dx = w * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``.
+    ``dx = w * invstd * (g - sum_g / n - (x - mean) * invstd**2 * sum_g_xmu / n)`` with
+    ``g = dy * act'(pre)`` (``dy`` for the identity), as ``backward_reduce_affine`` forms it.
     """
     if x.numel() == 0:
         return torch.empty_like(x)
-    return _elemt(x, mean, invstd, weight, grad=(grad_out, sums, count))
+    return _elemt(x, mean, invstd, weight, bias=bias, grad=(grad_out, sums, count), act=act)
