@@ -50,8 +50,9 @@ class Activation:
     #: attributes the module must have to compute ``fn`` (nn.GELU has a tanh approximation too)
     module_config: tuple[tuple[str, object], ...] = ()
     #: invertible activations only (for a positive parameter, where there is one):
-    #: ``inverse(y, param)``: z from y = fn(z); ``grad_from_output(dy, y, param)``: dy * fn'(z)
-    inverse: Fn | None = None
+    #: ``inverse(y, param, stored)``: z from y = fn(z), y having been stored in dtype ``stored``;
+    #: ``grad_from_output(dy, y, param)``: dy * fn'(z)
+    inverse: Callable[[torch.Tensor, float | None, torch.dtype], torch.Tensor] | None = None
     grad_from_output: GradFn | None = None
 
 
@@ -105,8 +106,8 @@ def elu_inverse_floor(dtype: torch.dtype) -> float:
     return -1.0 + torch.finfo(dtype).eps / 2
 
 
-def _elu_inverse(y: torch.Tensor, alpha: float | None) -> torch.Tensor:
-    ratio = (y / alpha).clamp_(min=elu_inverse_floor(y.dtype))
+def _elu_inverse(y: torch.Tensor, alpha: float | None, stored: torch.dtype) -> torch.Tensor:
+    ratio = (y / alpha).clamp_(min=elu_inverse_floor(stored))
     return torch.where(y > 0, y, ratio.log1p_())
 
 
@@ -115,7 +116,7 @@ ACTIVATIONS: dict[str, Activation] = {
     for a in (
         Activation(
             "identity", _identity, _one, nn.Identity, fn_=_identity, grad=_pass_grad,
-            inverse=_identity, grad_from_output=_pass_grad,
+            inverse=lambda y, _, stored: y, grad_from_output=_pass_grad,
         ),
         Activation(
             "relu", lambda z, _: F.relu(z), _relu_grad, nn.ReLU, fn_=lambda z, _: F.relu_(z),
@@ -125,7 +126,7 @@ ACTIVATIONS: dict[str, Activation] = {
             "leaky_relu", F.leaky_relu, _leaky_relu_grad, nn.LeakyReLU, F.leaky_relu_,
             grad=lambda dy, z, p: _aten.leaky_relu_backward.grad_input(dy, z, p, False, grad_input=z),
             param_name="negative_slope", default_param=0.01,
-            inverse=lambda y, p: F.leaky_relu(y, 1 / p),
+            inverse=lambda y, p, stored: F.leaky_relu(y, 1 / p),
             grad_from_output=lambda dy, y, p: _aten.leaky_relu_backward(dy, y, p, True),
         ),
         Activation(

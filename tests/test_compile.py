@@ -44,6 +44,25 @@ def _conv_net(group) -> nn.Module:
     return syncbn.convert_sync_batchnorm(model, process_group=group)
 
 
+def _act_net(group) -> nn.Module:
+    """SyncBatchNormAct layers: fused (silu, gelu) and in place (leaky_relu, elu)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        syncbn.SyncBatchNormAct(8, activation="silu", process_group=group),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        syncbn.SyncBatchNormAct(8, activation="leaky_relu", activation_param=0.1, inplace=True, process_group=group),
+        nn.Conv2d(8, 8, 1),
+        syncbn.SyncBatchNormAct(8, activation="elu", inplace=True, momentum=None, process_group=group),
+        nn.Conv2d(8, 4, 1),
+        syncbn.SyncBatchNormAct(4, activation="gelu", process_group=group),
+        nn.Flatten(),
+    )
+
+
+NETS = {"conv": _conv_net, "act": _act_net}
+
+
 def _mlp(group) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3))
@@ -52,7 +71,7 @@ def _mlp(group) -> nn.Module:
 
 def _case_compiled_vs_eager(ctx, net, backend, env, batches):
     with mock.patch.dict(os.environ, env):
-        eager = _conv_net(ctx.group) if net == "conv" else _mlp(ctx.group)
+        eager = NETS.get(net, _mlp)(ctx.group)
         compiled_model = copy.deepcopy(eager)
         compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
         opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
@@ -79,7 +98,7 @@ def _case_compiled_vs_eager(ctx, net, backend, env, batches):
 def _batches(net: str, sizes: list[int], steps: int, rank: int):
     gen = torch.Generator().manual_seed(100 + rank)
     n = sizes[rank]
-    if net == "conv":
+    if net in NETS:
         return [
             (torch.randn(n, 3, 6, 6, generator=gen) * 2 + 1, torch.randn(n, 4 * 36, generator=gen))
             for _ in range(steps)
@@ -110,6 +129,12 @@ def _run_and_compare(pool, net, backend, sizes, steps=3, env=None, tol=TOL):
 
 def test_compile_fullgraph_aot_eager_matches_eager(pool):
     _run_and_compare(pool, "conv", "aot_eager", sizes=[3, 5])
+
+
+def test_compile_fullgraph_fused_and_inplace_activations(pool):
+    """SyncBatchNormAct under compile: the activation inside the custom ops; in place, the op
+    writes a new output (custom ops are functional) and its backward reads that output."""
+    _run_and_compare(pool, "act", "aot_eager", sizes=[2, 3], steps=2)
 
 
 @pytest.mark.parametrize("sizes", [[1, 4], [0, 3]], ids=["one-value", "empty-rank"])

@@ -166,19 +166,19 @@ def test_empty_global_batch_is_a_no_op(pool):
         assert batches == 1  # as nn.BatchNorm on an empty batch
 
 
-def _case_empty_global_batch_grads(ctx, compiled: bool, act: bool):
-    if act:
-        layer = syncbn.SyncBatchNormAct(3, activation="elu", process_group=ctx.group)
-    else:
+def _case_empty_global_batch_grads(ctx, compiled: bool, act: str):
+    if act == "none":
         layer = syncbn.SyncBatchNorm(3, process_group=ctx.group)
+    else:
+        layer = syncbn.SyncBatchNormAct(3, activation="elu", inplace=act == "inplace", process_group=ctx.group)
     forward = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
     x = torch.zeros(0, 3, 2, requires_grad=True)
-    forward(x).sum().backward()
+    forward(x * 1).sum().backward()  # a non-leaf, which the in-place layer may write over
     return x.grad, layer.weight.grad, layer.bias.grad
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("act", [False, True], ids=["SyncBatchNorm", "SyncBatchNormAct"])
+@pytest.mark.parametrize("act", ["none", "fused", "inplace"], ids=["SyncBatchNorm", "SyncBatchNormAct", "inplace"])
 def test_empty_global_batch_gives_zero_gradients(pool, compiled, act):
     bn = nn.BatchNorm1d(3)
     x = torch.zeros(0, 3, 2, requires_grad=True)

@@ -21,14 +21,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from syncbn import settings
-from syncbn.functional import sync_batch_norm
+from syncbn import activations, settings
+from syncbn.functional import sync_batch_norm, training_forward
 from syncbn.ops import backend_name, launch_plan, reference
 from syncbn.ops.launch_plan import Plan, Tuning
 from syncbn.passes import RunningStats
 from tests.oracle import layer_pair
 
 triton_ops = pytest.importorskip("syncbn.ops.triton", reason="triton is not installed")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from syncbn.ops import fast_launch  # noqa: E402  (imports triton)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +320,176 @@ def test_grad_out_in_another_layout(x_format, dy_kind):
     )  # fmt: skip
 
 
+# --- the fused activation ------------------------------------------------------------------
+
+# The kernels' activation helpers, probed one by one (globals of this module for the kernel).
+_activate, _activation_grad = triton_ops._activate, triton_ops._activation_grad
+_inverse, _grad_from_output = triton_ops._inverse, triton_ops._grad_from_output
+
+
+@triton.jit
+def _activation_probe_kernel(z_ptr, out_ptr, n, param, floor, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    mask = i < n
+    z = tl.load(z_ptr + i, mask=mask, other=0.0)
+    y = _activate(z, param, ACT)
+    tl.store(out_ptr + i, y, mask=mask)
+    tl.store(out_ptr + BLOCK + i, _activation_grad(z, param, ACT), mask=mask)
+    tl.store(out_ptr + 2 * BLOCK + i, _inverse(y, param, floor, ACT), mask=mask)
+    tl.store(out_ptr + 3 * BLOCK + i, _grad_from_output(y, param, ACT), mask=mask)
+
+
+ACT_PARAMS = {"leaky_relu": 0.2, "elu": 0.7}
+
+
+@pytest.mark.parametrize("name", list(activations.ACTIVATIONS))
+def test_activation_helpers_match_the_table(name):
+    """act, act' (with torch's sides at the kinks), and for the invertible ones the inverse and
+    act' from the output, in float32, against ``syncbn.activations`` (torch's formulas)."""
+    entry, param = activations.ACTIVATIONS[name], ACT_PARAMS.get(name)
+    kinks = [0.0, -0.0, -3.0, 3.0, 1e-30, -1e-30]
+    z = torch.cat([torch.linspace(-6, 6, 113), torch.tensor(kinks)]).to(DEVICE)
+    block = triton.next_power_of_2(z.numel())
+    out = torch.zeros(4, block, device=DEVICE)
+    floor = activations.elu_inverse_floor(torch.float32)
+    _activation_probe_kernel[(1,)](z, out, z.numel(), param or 0.0, floor, ACT=activations.CODES[name], BLOCK=block)
+    y, grad, inverse, grad_from_output = out[:, : z.numel()]
+    # float32 exp, erf and division in another order: a few ulps
+    torch.testing.assert_close(y, entry.fn(z, param), rtol=4e-6, atol=1e-6)
+    torch.testing.assert_close(grad, entry.derivative(z, param), rtol=4e-6, atol=1e-6)
+    at_kinks = slice(-len(kinks), None)
+    assert torch.equal(grad[at_kinks], entry.derivative(z, param)[at_kinks]), "a kink takes torch's side"
+    if entry.inverse is not None:
+        # elu's inverse divides y's float32 rounding by alpha * exp(z): 2.5e-3 at z = -6
+        torch.testing.assert_close(inverse, z, rtol=1e-6, atol=1e-4 if name == "elu" else 1e-6)
+        torch.testing.assert_close(grad_from_output, entry.derivative(z, param), rtol=1e-6, atol=1e-6)
+
+
+def _fused_case(name, inplace, shape, fmt, dtype, tiling="default-tiles"):
+    spec = activations.spec(name, ACT_PARAMS.get(name), inplace)
+    layout = "x".join(map(str, shape)) + ("-nhwc" if fmt else "")
+    label = f"{name}{'-inplace' if inplace else ''}-{layout}-{str(dtype).removeprefix('torch.')}-{tiling}"
+    return pytest.param(spec, shape, fmt, dtype, tiling, id=label)
+
+
+FUSED_SPECS = [(n, False) for n in activations.ACTIVATIONS if n != "identity"]
+FUSED_SPECS += [(n, True) for n in ("identity", "leaky_relu", "elu")]
+# Every activation (and in-place mode) in both layouts, float32, default tiles; a few of them in
+# half precision, other ranks and many tiles (the interpreter runs every program in Python).
+FUSED_CASES = [
+    *(
+        _fused_case(n, i, (2, 3, 7, 7), fmt, torch.float32)
+        for n, i in FUSED_SPECS
+        for fmt in (None, torch.channels_last)
+    ),
+    _fused_case("gelu", False, (2, 3, 7, 7), None, torch.bfloat16),
+    _fused_case("elu", True, (2, 3, 7, 7), torch.channels_last, torch.float16),
+    _fused_case("hardswish", False, (5, 3), None, torch.float32),
+    _fused_case("leaky_relu", True, (3, 6, 2, 3, 4), None, torch.bfloat16),
+    _fused_case("silu", False, (2, 1, 48, 40), None, torch.float32, tiling="many-tiles"),
+    _fused_case("elu", True, (2, 130, 3, 3), torch.channels_last, torch.float32, tiling="long-tiles"),
+]
+
+
+def _pre_and_grad64(x, y, mean, invstd, weight, bias, spec):
+    """float64 (pre-activation, x - mean) of the input ``x`` as the fused layer defines them."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    xmu = x.double() - mean.double().view(view)
+    pre = xmu * (invstd.double() * weight.double()).view(view) + bias.double().view(view)
+    return pre, xmu
+
+
+@pytest.mark.parametrize("spec, shape, fmt, dtype, tiling_name", FUSED_CASES)
+def test_fused_activation_ops_match_reference(spec, shape, fmt, dtype, tiling_name, monkeypatch):
+    """``finalize_normalize``, ``backward_reduce_affine`` and ``backward_elemt`` with an
+    activation (in place: backward from the output, written over the input) against the
+    torch-ops path on the same tensors and against float64 sums."""
+    if TILINGS[tiling_name] is not None:
+        monkeypatch.setattr(launch_plan, "TUNING", TILINGS[tiling_name])
+    x = make_input(shape, dtype, fmt, mean=0.5, std=1.5)
+    channels = shape[1]
+    stats = triton_ops.local_stats(x)
+    gen = torch.Generator().manual_seed(4)
+    weight = (torch.rand(channels, generator=gen) + 0.5).to(DEVICE)
+    bias = torch.randn(channels, generator=gen).to(DEVICE)
+    y, mean, invstd = triton_ops.finalize_normalize(
+        x, stats, eps=1e-5, weight=weight, bias=bias, running=None, act=spec
+    )
+    ref_y, _, _ = reference.finalize_normalize(x, stats, eps=1e-5, weight=weight, bias=bias, running=None, act=spec)
+    assert_same_layout(y, x)
+    rtol, atol = OUT_TOL[dtype]
+    torch.testing.assert_close(y, ref_y, rtol=rtol, atol=atol)
+    over = x.clone()
+    written = triton_ops.finalize_normalize(
+        over, stats, eps=1e-5, weight=weight, bias=bias, running=None, act=spec, overwrite=True
+    )[0]
+    assert written.data_ptr() == over.data_ptr() and torch.equal(over, y)
+
+    saved = y if spec.inplace else x
+    dy = randn_like(x, seed=1)
+    sums, grad_weight, grad_bias = triton_ops.backward_reduce_affine(
+        dy,
+        saved,
+        mean,
+        invstd,
+        weight_dtype=torch.float32,
+        bias_dtype=torch.float32,
+        act=spec,
+        weight=weight,
+        bias=bias,
+    )
+    ref_sums, _, _ = reference.backward_reduce_affine(
+        dy, saved, mean, invstd, weight_dtype=None, bias_dtype=None, act=spec, weight=weight, bias=bias
+    )
+    pre, xmu = _pre_and_grad64(x, y, mean, invstd, weight, bias, spec)
+    g = dy.double() * spec.entry.derivative(pre, spec.param)
+    dims = [0, *range(2, x.dim())]
+    exact = torch.cat([g.sum(dims), (g * xmu).sum(dims)])
+    abs_sums = torch.cat([g.abs().sum(dims), (g * xmu).abs().sum(dims)])
+    # float32 sums of products (6e-8 of the sum of |terms|); in place, x - mean recovered from the
+    # stored output (its rounding over |w| >= 0.5) and, for the kernels' side, x itself rounded
+    # to half precision in the half cases: both against float64 sums of the true values.
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for side in (sums, ref_sums):
+        assert ((side.double() - exact).abs() <= bound * abs_sums + 1e-5).all(), (side, exact)
+    torch.testing.assert_close(grad_weight, sums[channels:] * invstd)
+    torch.testing.assert_close(grad_bias, sums[:channels])
+
+    count = stats[-1]
+    grad_in = triton_ops.backward_elemt(dy, saved, mean, invstd, weight, ref_sums, count, act=spec, bias=bias)
+    ref_grad_in = reference.backward_elemt(dy, saved, mean, invstd, weight, ref_sums, count, act=spec, bias=bias)
+    assert_same_layout(grad_in, x)
+    # dx = scale * g + (x - mean) * a + c: O(1) terms, float32 in another order (in place: from
+    # the stored output on both sides); half precision: rounded once at the end.
+    torch.testing.assert_close(grad_in, ref_grad_in, rtol=rtol, atol=max(atol, 1e-4 if spec.inplace else 1e-5))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "inplace"])
+def test_fused_layer_makes_six_launches_per_forward_and_backward(inplace, monkeypatch):
+    """The activation lives in the existing passes: no launch of its own either way."""
+    launches = []
+    real = triton_ops.launch
+
+    def recording(plan, kernel, grid, args, consts):
+        launches.append(kernel.fn.__name__.split("_")[1])
+        return real(plan, kernel, grid, args, consts)
+
+    monkeypatch.setattr(triton_ops, "launch", recording)
+    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    spec = activations.spec("elu" if inplace else "silu", inplace=inplace)
+    x = make_input((2, 3, 4, 4), torch.float32).requires_grad_()
+    h = x * 1
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(3, device=DEVICE, requires_grad=True)
+    y = training_forward(
+        h, weight, bias, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1, eps=1e-5,
+        process_group=None, act=spec,
+    )  # fmt: skip
+    assert launches == ["reduce", "merge", "elemt"] and (y is h) == inplace
+    y.backward(torch.ones_like(y))
+    assert launches == ["reduce", "merge", "elemt"] * 2
+
+
 def test_strided_input_is_copied_once_and_correct():
     base = make_input((3, 8, 6, 5), torch.float32)
     for x in (base[:, ::2], base.transpose(2, 3)):  # a channel slice, a spatial transpose
@@ -526,7 +699,12 @@ def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(me
         sync_batch_norm(
             x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), weight, bias, training=True
         ).sum().backward()
-    assert len(seen) == 12
+        for spec in (activations.spec("gelu"), activations.spec("leaky_relu", inplace=True)):  # SyncBatchNormAct's
+            training_forward(
+                x * 1, weight, bias, running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1,
+                eps=1e-5, process_group=None, act=spec,
+            ).sum().backward()  # fmt: skip
+    assert len(seen) == 36
     for kernel, args, consts in seen:
         params = list(inspect.signature(kernel.fn).parameters.values())  # JIT and interpreter alike
         name = kernel.fn.__name__

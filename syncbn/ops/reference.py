@@ -362,7 +362,7 @@ def backward_prepare(
         return entry.grad(grad_out, pre, act.param), saved, mean, IDENTITY
     y = saved.float() if saved.dtype in HALF_DTYPES else saved
     grad = entry.grad_from_output(grad_out.to(y.dtype), y, act.param)
-    pre = entry.inverse(y, act.param)
+    pre = entry.inverse(y, act.param, saved.dtype)
     inv_scale = (invstd if weight is None else invstd * weight.to(invstd.dtype)).reciprocal()
     centre = torch.zeros_like(invstd) if bias is None else bias.to(invstd.dtype)
     xmu = _affine(pre, centre, inv_scale, None, None, out=None if pre is y else pre)
