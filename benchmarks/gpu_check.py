@@ -15,14 +15,19 @@ Steps, each a subprocess with its own timeout inside a total budget (``GPU_CHECK
    with ``SYNCBN_TRITON_FAST_LAUNCH=1``: the oracle and contract tests on CUDA tensors, 1 to 4
    processes sharing the GPU over gloo, through the fast launch path;
 4. ``host``: ``benchmarks.host_overhead``, host time per call of the layer and its pieces;
-5. ``train``: ``benchmarks.bench_train``, the ResNet-50 training step, four BatchNorm choices
+5. ``act``: ``benchmarks.bench_act --cuda``, SyncBatchNormAct against SyncBatchNorm + the
+   activation and the 8S copy floor (``--quick`` unless 300 s remain);
+6. ``memory``: ``benchmarks.bench_memory --cuda``, peak memory of a DeepLabV3-like network's
+   forward+backward, BN + LeakyReLU against SyncBatchNormAct(inplace=True);
+7. ``train``: ``benchmarks.bench_train``, the ResNet-50 training step, four BatchNorm choices
    (``--no-fast-launch`` when a test of steps 2-3 failed);
-6. ``kernels``: ``benchmarks.bench_kernels`` (``--quick`` when less than 200 s remain).
+8. ``kernels``: ``benchmarks.bench_kernels`` (``--quick`` when less than 200 s remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
 set, else benchmarks/results/scratch/gpu_check), packed into ``$OUT/logs.tar.gz`` at the end
 under a lease (at most 8 files come back); the assertion lines of failed tests go to
-``$OUT/failures.txt``; the benchmarks' results to ``$OUT/results``. The summary (step results,
+``$OUT/failures.txt``; the benchmarks' results to ``$OUT/results`` (those of ``act`` and
+``memory`` to the logs, in the archive). The summary (step results,
 failed tests, the benchmark tables and their targets) is printed last.
 Nothing is installed: it uses the machine's python, torch, Triton and pytest.
 """
@@ -48,7 +53,7 @@ from syncbn import settings
 # Seconds for all the steps together: a 600 s lease less the time to start and to pack the
 # results. A benchmark-local knob, read here only.
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "570"))
-STEPS = ("tests", "layer", "host", "train", "kernels")
+STEPS = ("tests", "layer", "host", "act", "memory", "train", "kernels")
 START = time.time()
 
 
@@ -220,6 +225,15 @@ def main() -> int:
             "host_overhead", [sys.executable, "-m", "benchmarks.host_overhead", "--out", str(results_dir)],
             min(45, remaining() - 200), log_dir, env,
         ))  # fmt: skip
+    if "act" in only:
+        # Into the logs folder (packed at the end): a lease returns few files.
+        act = [sys.executable, "-m", "benchmarks.bench_act", "--cuda", "--out", str(log_dir)]
+        if remaining() < 300:
+            act.append("--quick")
+        steps.append(run_step("bench_act", act, min(120, remaining() - 150), log_dir, env))
+    if "memory" in only:
+        memory = [sys.executable, "-m", "benchmarks.bench_memory", "--cuda", "--out", str(log_dir)]
+        steps.append(run_step("bench_memory", memory, min(90, remaining() - 120), log_dir, env))
     tests_failed = any(s["name"].startswith("pytest") and s["status"] != "OK" for s in steps)
     if "train" in only:
         train = [sys.executable, "-m", "benchmarks.bench_train", "--out", str(results_dir)]
@@ -255,7 +269,7 @@ def main() -> int:
         if s["name"].startswith("pytest") and s["lines"] and s["status"] != "SKIP":
             detail, failed = pytest_result(s["lines"])
             failed_all += failed
-        elif s["name"] in ("bench_kernels", "bench_train") and s["lines"]:
+        elif s["name"] in ("bench_kernels", "bench_train", "bench_act", "bench_memory") and s["lines"]:
             detail = next((line for line in reversed(s["lines"]) if line.startswith("# wrote")), s["lines"][-1])[:150]
         elif s["lines"]:
             detail = s["lines"][-1][:150]
@@ -264,8 +278,9 @@ def main() -> int:
         print(f"failed tests ({len(failed_all)}):")
         for line in failed_all[:15]:
             print("  " + line[:220])
-    for train_md in sorted(results_dir.glob("train-*.md")):
-        print("\n".join(line for line in train_md.read_text().splitlines() if line.startswith("|")))
+    for folder, pattern in ((results_dir, "train-*.md"), (log_dir, "act-*.md"), (log_dir, "memory-cuda.md")):
+        for md in sorted(folder.glob(pattern)):
+            print("\n".join(line for line in md.read_text().splitlines() if line.startswith("|")))
     print("\n".join(bench_table(results_dir)))
     if os.environ.get("OUT"):
         log_dir = pack_logs(log_dir)

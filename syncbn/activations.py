@@ -49,6 +49,9 @@ class Activation:
     default_param: float | None = None
     #: attributes the module must have to compute ``fn`` (nn.GELU has a tanh approximation too)
     module_config: tuple[tuple[str, object], ...] = ()
+    #: where the derivative jumps (torch's backward kernels take the sides given above): two
+    #: computations of the same pre-activation that round differently may fall on either side
+    kinks: tuple[float, ...] = ()
     #: invertible activations only (for a positive parameter, where there is one):
     #: ``inverse(y, param, stored)``: z from y = fn(z), y having been stored in dtype ``stored``;
     #: ``grad_from_output(dy, y, param)``: dy * fn'(z)
@@ -120,19 +123,19 @@ ACTIVATIONS: dict[str, Activation] = {
         ),
         Activation(
             "relu", lambda z, _: F.relu(z), _relu_grad, nn.ReLU, fn_=lambda z, _: F.relu_(z),
-            grad=lambda dy, z, _: _aten.threshold_backward.grad_input(dy, z, 0, grad_input=z),
+            grad=lambda dy, z, _: _aten.threshold_backward.grad_input(dy, z, 0, grad_input=z), kinks=(0.0,),
         ),
         Activation(
             "leaky_relu", F.leaky_relu, _leaky_relu_grad, nn.LeakyReLU, F.leaky_relu_,
             grad=lambda dy, z, p: _aten.leaky_relu_backward.grad_input(dy, z, p, False, grad_input=z),
-            param_name="negative_slope", default_param=0.01,
+            param_name="negative_slope", default_param=0.01, kinks=(0.0,),
             inverse=lambda y, p, stored: F.leaky_relu(y, 1 / p),
             grad_from_output=lambda dy, y, p: _aten.leaky_relu_backward(dy, y, p, True),
         ),
         Activation(
             "elu", F.elu, _elu_grad, nn.ELU, F.elu_,
             grad=lambda dy, z, p: _aten.elu_backward.grad_input(dy, p, 1, 1, False, z, grad_input=z),
-            param_name="alpha", default_param=1.0, inverse=_elu_inverse,
+            param_name="alpha", default_param=1.0, inverse=_elu_inverse, kinks=(0.0,),
             grad_from_output=lambda dy, y, p: _aten.elu_backward(dy, p, 1, 1, True, y),
         ),
         Activation(
@@ -147,7 +150,7 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation(
             "hardswish", lambda z, _: F.hardswish(z), _hardswish_grad, nn.Hardswish,
             fn_=lambda z, _: F.hardswish(z, inplace=True),
-            grad=lambda dy, z, _: _aten.hardswish_backward.out(dy, z, out=z),
+            grad=lambda dy, z, _: _aten.hardswish_backward.out(dy, z, out=z), kinks=(-3.0, 3.0),
         ),
     )
 }  # fmt: skip

@@ -107,3 +107,18 @@ def layer_pair(shape: tuple[int, ...], momentum: float | None, device) -> tuple[
             m.weight.copy_(torch.linspace(0.5, 1.5, channels))
             m.bias.copy_(torch.linspace(-1, 1, channels))
     return ours, theirs
+
+
+def away_from_kinks(pre: torch.Tensor, kinks: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Where no rounding of the pre-activation ``pre`` can cross one of ``kinks``.
+
+    An activation's derivative jumps at a kink, so two correct computations that round the
+    pre-activation differently (the torch-ops path rounds it to the input's dtype, as
+    nn.BatchNorm then the activation does; the kernels keep it in float32) may take different
+    sides of it: elementwise gradients are compared away from them.
+    """
+    margin = 2.0**-7 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    keep = torch.ones_like(pre, dtype=torch.bool)
+    for kink in kinks:
+        keep &= (pre - kink).abs() > margin * (abs(kink) + 1)
+    return keep

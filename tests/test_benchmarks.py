@@ -117,7 +117,14 @@ def test_gpu_training_benchmark_code_runs_as_a_cpu_smoke_test(tmp_path):
 
 @pytest.mark.parametrize(
     "name, reduced",
-    [("bench_cpu", "--quick"), ("bench_comm", "--quick"), ("bench_train", "--smoke"), ("bench_kernels", "--quick")],
+    [
+        ("bench_cpu", "--quick"),
+        ("bench_comm", "--quick"),
+        ("bench_train", "--smoke"),
+        ("bench_kernels", "--quick"),
+        ("bench_act", "--quick"),
+        ("bench_memory", "--quick"),
+    ],  # fmt: skip
 )
 def test_a_reduced_run_refuses_to_save(name, reduced):
     """--save replaces the committed results: only a full run may, never a smoke one."""
@@ -191,3 +198,21 @@ def test_kernel_benchmark_report_from_synthetic_timings(tmp_path):
     table = gpu_check.bench_table(tmp_path)
     assert any(line.startswith(str(layer)) and " ERR" not in line for line in table)
     assert table[-1].startswith("  ") and any("MISSED" in line for line in table)
+
+
+def test_memory_benchmark_counts_what_autograd_saves(tmp_path):
+    """bench_memory at toy size: the three networks compute the same thing, each BN + activation
+    unit saves 2 activation-sized tensors as nn.BatchNorm + LeakyReLU and 1 as SyncBatchNormAct,
+    and the report and plot are written (the full run's numbers are in benchmarks/results/)."""
+    from benchmarks import bench_memory
+
+    rows = bench_memory.measure(batch=2, size=32)
+    for backbone in bench_memory.BACKBONES:
+        base, fused, inplace = (r.extras for r in rows if r.extras["backbone"] == backbone)
+        assert base["saved_per_unit_with_activation"] == [2]
+        assert fused["saved_per_unit_with_activation"] == inplace["saved_per_unit_with_activation"] == [1]
+        assert inplace["activation_bytes"] < fused["activation_bytes"] <= base["activation_bytes"]
+        assert max(e["max_output_difference"] for e in (base, fused, inplace)) < 1e-4
+    md = bench_memory.report(rows, tmp_path, quick=True)
+    assert "| pre-activation | SyncBatchNormAct(inplace=True) |" in md.read_text()
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"

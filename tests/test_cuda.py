@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import syncbn
+from syncbn import activations, settings
 from syncbn import distributed as sb_distributed
-from syncbn import settings
 from syncbn.ops import backend_name, launch_plan, reference
-from tests.oracle import layer_pair
+from tests.oracle import away_from_kinks, layer_pair
 
 pytestmark = [
     pytest.mark.gpu,
@@ -135,6 +135,72 @@ def _moments(packed):
     return n, mean, packed[c : 2 * c] / n - mean * mean
 
 
+# --- the fused activation at real sizes ---------------------------------------------------
+
+FUSED = [("relu", None, False), ("silu", None, False), ("gelu", None, False), ("hardswish", None, False),
+         ("leaky_relu", 0.1, True), ("elu", 1.0, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format",
+    [
+        ((32, 64, 112, 112), torch.bfloat16, torch.channels_last),
+        ((32, 256, 56, 56), torch.float32, None),
+        ((32, 2048, 7, 7), torch.float16, None),
+        ((4096, 2048), torch.bfloat16, None),
+    ],
+    ids=["stem-bf16-nhwc", "stage1-f32-nchw", "c2048-f16-nchw", "2d-bf16"],
+)
+def test_fused_kernels_at_real_sizes(shape, dtype, memory_format):
+    """Every activation's forward and both backward passes (in place: from the output written
+    over the input) against the torch-ops path on the same CUDA tensors and float64 sums."""
+    triton_ops = _triton_ops()
+    x = make_input(shape, dtype, memory_format)
+    channels, dims = shape[1], [0] + list(range(2, len(shape)))
+    stats = reference.local_stats(x)
+    weight = torch.rand(channels, device=DEVICE) + 0.5
+    bias = torch.randn(channels, device=DEVICE)
+    dy = make_input(shape, dtype, memory_format, seed=1, mean=0.0, std=1.0)
+    rtol, atol = OUT_TOL[dtype]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    for name, param, inplace in FUSED:
+        spec = activations.spec(name, param, inplace)
+        kwargs = dict(eps=1e-5, weight=weight, bias=bias, running=None, act=spec)
+        y, mean, invstd = triton_ops.finalize_normalize(x, stats, **kwargs)
+        ref_y = reference.finalize_normalize(x, stats, **kwargs)[0]
+        torch.testing.assert_close(y, ref_y, rtol=rtol, atol=atol, msg=lambda m: f"{name} y: {m}")
+        for ops in (triton_ops, reference):  # written over the input: the same values
+            over = x.clone()
+            assert ops.finalize_normalize(over, stats, **kwargs, overwrite=True)[0].data_ptr() == over.data_ptr()
+            torch.testing.assert_close(over, y, rtol=rtol, atol=atol)
+        del ref_y, over
+        saved = y if inplace else x
+        affine = dict(act=spec, weight=weight, bias=bias)
+        sums, _, _ = triton_ops.backward_reduce_affine(
+            dy, saved, mean, invstd, weight_dtype=None, bias_dtype=None, **affine
+        )
+        xmu = x.double() - mean.double().view(view)
+        pre = xmu * (invstd * weight).double().view(view) + bias.double().view(view)
+        g = dy.double() * spec.entry.derivative(pre, param)
+        terms = (g, g * xmu)
+        truth = torch.cat([t.sum(dims) for t in terms])
+        scale = torch.cat([t.abs().sum(dims) for t in terms])
+        keep = away_from_kinks(pre, spec.entry.kinks, dtype)
+        assert keep.float().mean() > 0.98
+        del xmu, pre, g, terms
+        # float32 sums; in place, x - mean from the output, whose rounding (half precision: 2**-8
+        # relative) divided by w >= 0.5 enters every term
+        bound = 1e-5 if dtype == torch.float32 and not inplace else 2e-2
+        assert ((sums.double() - truth).abs() <= bound * scale + 1e-4).all(), name
+        grad_in = triton_ops.backward_elemt(dy, saved, mean, invstd, weight, sums, stats[-1], act=spec, bias=bias)
+        ref = reference.backward_elemt(dy, saved, mean, invstd, weight, sums, stats[-1], act=spec, bias=bias)
+        assert grad_in.dtype == x.dtype and grad_in.stride() == x.stride()
+        torch.testing.assert_close(
+            grad_in[keep], ref[keep], rtol=rtol, atol=max(atol, 1e-4), msg=lambda m: f"{name} dx: {m}"
+        )
+        del y, saved, grad_in, ref, keep
+
+
 # --- the layer on a 1-process NCCL group -------------------------------------------------
 
 
@@ -213,6 +279,47 @@ def test_layer_synced_world_of_one_matches_batchnorm(always_sync, shape, dtype, 
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
 
 
+@pytest.mark.parametrize("name, param, inplace", FUSED, ids=[f"{n}{'-inplace' if i else ''}" for n, _, i in FUSED])
+def test_fused_layer_synced_world_of_one_matches_batchnorm_then_activation(always_sync, name, param, inplace):
+    """SyncBatchNormAct on the synced path (bfloat16, channels_last, float32 parameters) against
+    nn.BatchNorm2d then torch's activation in float32 on the same values: two all-reduces per
+    step, no host synchronization."""
+    shape, channels = (8, 32, 28, 28), 32
+    ours = syncbn.SyncBatchNormAct(channels, activation=name, activation_param=param, inplace=inplace).to(DEVICE)
+    theirs = nn.BatchNorm2d(channels).to(DEVICE)
+    module = {"relu": nn.ReLU(), "silu": nn.SiLU(), "gelu": nn.GELU(), "hardswish": nn.Hardswish(),
+              "leaky_relu": nn.LeakyReLU(param), "elu": nn.ELU(param)}[name]  # fmt: skip
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            m.bias.copy_(torch.linspace(-1, 1, channels))
+    x = make_input(shape, torch.bfloat16, torch.channels_last, seed=10)
+    dy = make_input(shape, torch.bfloat16, torch.channels_last, seed=20, mean=0.0, std=1.0)
+
+    def run(layer, data, grad):
+        leaf = data.clone().requires_grad_(True)
+        y = layer(leaf * 1)  # a non-leaf: the in-place layer writes over it
+        y.backward(grad)
+        return y.detach().float(), leaf.grad.float()
+
+    run(ours, x, dy)  # warm-up: compiles the kernels outside the checks
+    always_sync.clear()
+    with sync_debug_error():
+        y, dx = run(ours, x, dy)
+    ry, rdx = run(nn.Sequential(theirs, module), x.float(), dy.float())
+    assert always_sync == [2 * channels + 1, 2 * channels]
+    with torch.no_grad():
+        keep = away_from_kinks(theirs(x.float()), module_kinks(name), torch.float32)
+    # bfloat16 output and input gradient: a couple of roundings (8 significant bits); in place,
+    # x_hat is recovered from the bfloat16 output
+    torch.testing.assert_close(y, ry, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx[keep], rdx[keep], rtol=3e-2, atol=3e-2)
+
+
+def module_kinks(name):
+    return activations.ACTIVATIONS[name].kinks
+
+
 @contextlib.contextmanager
 def sync_debug_error():
     """Any device-to-host synchronization inside raises (where torch offers the check)."""
@@ -229,18 +336,30 @@ def sync_debug_error():
 # --- CUDA graphs: a whole training step captured and replayed ------------------------------
 
 
-def _small_model():
+def _small_model(fused: bool = False):
+    """Three BatchNorm + activation layers; ``fused``: as SyncBatchNormAct (relu, leaky_relu in
+    place, silu), the same indices (the activation modules become nn.Identity)."""
     torch.manual_seed(0)
+    if fused:
+        norms = (
+            syncbn.SyncBatchNormAct(16, activation="relu"),
+            syncbn.SyncBatchNormAct(32, momentum=None, activation="leaky_relu", activation_param=0.1, inplace=True),
+            syncbn.SyncBatchNormAct(24, activation="silu"),
+        )
+        acts = (nn.Identity(), nn.Identity(), nn.Identity())
+    else:
+        norms = (syncbn.SyncBatchNorm(16), syncbn.SyncBatchNorm(32, momentum=None), syncbn.SyncBatchNorm(24))
+        acts = (nn.ReLU(), nn.ReLU(), nn.ReLU())
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1, bias=False),
-        syncbn.SyncBatchNorm(16),
-        nn.ReLU(),
+        norms[0],
+        acts[0],
         nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
-        syncbn.SyncBatchNorm(32, momentum=None),  # cumulative average: a device-side momentum
-        nn.ReLU(),
+        norms[1],  # cumulative average: a device-side momentum
+        acts[1],
         nn.Conv2d(32, 24, 1, bias=False),
-        syncbn.SyncBatchNorm(24),
-        nn.ReLU(),
+        norms[2],
+        acts[2],
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(24, 10),
@@ -254,7 +373,8 @@ def _state(model):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("synced", [False, True], ids=["no-group", "nccl-world-1"])
 @pytest.mark.parametrize("launch", ["ordinary-launch", "fast-launch"])
-def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last, launch):
+@pytest.mark.parametrize("fused", [False, True], ids=["SyncBatchNorm", "SyncBatchNormAct"])
+def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last, launch, fused):
     monkeypatch.setenv("SYNCBN_TRITON_FAST_LAUNCH", "1" if launch == "fast-launch" else "0")
     if synced:
         request.getfixturevalue("nccl_group")
@@ -262,7 +382,7 @@ def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last, l
     else:  # with or without a default group of one: no collective without SYNCBN_ALWAYS_SYNC
         monkeypatch.delenv("SYNCBN_ALWAYS_SYNC", raising=False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = _small_model().to(memory_format=memory_format)
+    model = _small_model(fused).to(memory_format=memory_format)
     eager = copy.deepcopy(model)
     initial = _state(model)
     loss_fn = nn.CrossEntropyLoss()
@@ -445,6 +565,18 @@ def test_compile_inductor_fullgraph_matches_eager(always_sync, channels_last, au
         # both paths synchronized every layer in both passes: 4 steps, 3 layers, 2 passes, 2 models
         assert len(always_sync) == 4 * 3 * 2 * 2
     assert results[-1][1]["4.num_batches_tracked"].item() == 4
+
+
+def test_compile_inductor_fullgraph_fused_layers(always_sync):
+    """SyncBatchNormAct (fused, and in place: the op writes a new output) under inductor."""
+    results = _compiled_vs_eager(_small_model(fused=True), 3, torch.contiguous_format, False, {"backend": "inductor"})
+    for step, ((compiled, eager), state_c, state_e) in enumerate(results):
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-3, atol=1e-4, msg=f"loss, step {step}")
+        for k in eager[1]:
+            torch.testing.assert_close(compiled[1][k], eager[1][k], rtol=1e-3, atol=1e-4, msg=f"grad {k}, step {step}")
+        for k in state_e:
+            torch.testing.assert_close(state_c[k], state_e[k], rtol=1e-3, atol=1e-4, msg=f"{k}, step {step}")
+    assert len(always_sync) == 3 * 3 * 2 * 2
 
 
 def test_checkpoint_matches_no_checkpoint_on_gpu(always_sync):

@@ -26,7 +26,7 @@ from syncbn.functional import sync_batch_norm, training_forward
 from syncbn.ops import backend_name, launch_plan, reference
 from syncbn.ops.launch_plan import Plan, Tuning
 from syncbn.passes import RunningStats
-from tests.oracle import layer_pair
+from tests.oracle import away_from_kinks, layer_pair
 
 triton_ops = pytest.importorskip("syncbn.ops.triton", reason="triton is not installed")
 import triton  # noqa: E402
@@ -461,7 +461,9 @@ def test_fused_activation_ops_match_reference(spec, shape, fmt, dtype, tiling_na
     assert_same_layout(grad_in, x)
     # dx = scale * g + (x - mean) * a + c: O(1) terms, float32 in another order (in place: from
     # the stored output on both sides); half precision: rounded once at the end.
-    torch.testing.assert_close(grad_in, ref_grad_in, rtol=rtol, atol=max(atol, 1e-4 if spec.inplace else 1e-5))
+    keep = away_from_kinks(pre, spec.entry.kinks, dtype)
+    tol = dict(rtol=rtol, atol=max(atol, 1e-4 if spec.inplace else 1e-5))
+    torch.testing.assert_close(grad_in[keep], ref_grad_in[keep], **tol)
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["fused", "inplace"])
