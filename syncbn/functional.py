@@ -132,6 +132,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return (*_guard_double_backward(grads, needs), None, None)
 
 
+@torch.compiler.assume_constant_result
+def _compile_time_choices(process_group: dist.ProcessGroup | None) -> tuple[bool, bool]:
+    """``(sync, traced)`` for compiled code, read once when tracing (the settings are the same on
+    every rank). Outside the trace: dynamo would guard on the settings' parse cache, which the
+    first read fills, and recompile on the next call."""
+    sync = distributed.sync_world_size(process_group) > 0
+    return sync, settings.COMPILE.get() == "traced" and not (sync and distributed.debug_enabled())
+
+
 def training_forward(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -153,9 +162,9 @@ def training_forward(
     which needs the counter) go to ``count_batch``: here in eager mode, inside the op or the
     traced ops when compiling (where a recomputation must not count again).
     """
-    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer)
     if torch.compiler.is_compiling():
-        if settings.COMPILE.get() == "traced" and not (call.sync and distributed.debug_enabled()):
+        sync, trace = _compile_time_choices(process_group)
+        if trace:
             return traced.training_forward(
                 input,
                 weight,
@@ -166,7 +175,7 @@ def training_forward(
                 momentum=momentum,
                 eps=eps,
                 process_group=process_group,
-                sync=call.sync,
+                sync=sync,
             )
         return custom_ops.sync_batch_norm_op(
             input,
@@ -176,8 +185,9 @@ def training_forward(
             running_var=running_var,
             num_batches_tracked=num_batches_tracked,
             momentum=momentum,
-            call=call,
+            call=Call(eps, process_group, sync, layer),
         )
+    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer)
     running = count_batch(running_mean, running_var, num_batches_tracked, momentum, recomputed=in_backward_pass())
     return SyncBatchNormFunction.apply(input, weight, bias, running, call)
 

@@ -6,20 +6,16 @@
     running  statistics and ``num_batches_tracked`` updated as buffer mutations
     output   ``(x - mean) * (invstd * weight) + bias``, pointwise, so that inductor fuses it with
              the ops around it (an activation, a residual add, the next convolution's prologue)
-
-Backward is autograd's. The derivative of a SUM all-reduce is the SUM all-reduce of the
-gradient, so differentiating this forward gives the synchronized backward: one all-reduce of
-the gradient of the packed buffer (2C + 1 float64 values), inside the compiled backward graph.
-Float64 matters in both directions: the gradients reaching the sum and the sum of squares
-cancel to within the variance, as the moments themselves do.
+    backward local ``sum(dy)``, ``sum(dy * (x - mean))`` -> one functional all-reduce of 2C
+             float64 values -> ``dx``, pointwise (``_Normalize``, a Function dynamo traces)
 
 Collectives. Every rank of a group must make the same collectives in the same order with the
 same sizes, forward and backward, while each rank traces its own graph (batch sizes differ
 between ranks, so shapes do). Nothing here makes a collective depend on the local count: a
-rank without samples packs ``sum(x)`` and ``sum(x * x)``, exact zeros that are differentiable
-like everyone's moments, so its backward all-reduces too. As in eager mode, the backward
-all-reduce happens when the input needs a gradient (the same on every rank). The compiler
-neither removes nor recomputes collectives outside a checkpointed region, whatever the shapes.
+rank without samples all-reduces zeros, and its backward all-reduces like everyone's. As in
+eager mode, the backward all-reduce happens when the input needs a gradient (the same on every
+rank). The compiler neither removes nor recomputes collectives outside a checkpointed region,
+whatever the shapes.
 
 Two rules need the runtime; each goes through a small custom op:
 
@@ -71,23 +67,75 @@ def _check_count_fake(stats, input_shape, sync):
     return torch.empty_like(stats)
 
 
-_check_count.register_autograd(lambda ctx, grad: (grad, None, None))
-
-
 def _local_moments(x: torch.Tensor, dims: list[int], count: int) -> torch.Tensor:
     """``[n * mean, M2 + n * mean**2, n]`` per channel in float64, from ``var_mean`` of the input
     shifted by one sample per channel, so that a float32 reduction sums values near zero
     whatever the mean (at mean 1e4 and standard deviation 1, inductor's Welford reduction of
-    16K unshifted values is off by 1e-5 in the variance, of the shifted ones by 3e-8). The
-    shift is a constant: it takes no gradient."""
-    if count == 0:  # var_mean of nothing is NaN; these are zeros and keep the autograd graph
-        moments = torch.cat([x.sum(dims), (x * x).sum(dims)]).double()
+    16K unshifted values is off by 1e-5 in the variance, of the shifted ones by 3e-8)."""
+    channels = x.shape[1]
+    if count == 0:  # var_mean of nothing is NaN
+        moments = x.new_zeros((2 * channels,), dtype=torch.float64)
     else:
-        shift = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]
+        shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
         var, mean = torch.var_mean(x - _channel_view(shift, x.dim()), dims, correction=0)
         mean = mean.double() + shift.double()
         moments = torch.cat([mean * count, (var.double() + mean * mean) * count])
     return torch.cat([moments, moments.new_full((1,), count)])
+
+
+class _Normalize(torch.autograd.Function):
+    """``y = (x - mean) * invstd * weight + bias`` with the synchronized backward.
+
+    ``mean``, ``invstd`` and ``total`` (the global count) are float64 constants here: the
+    backward accounts for the statistics' dependence on every rank's input itself, with the
+    eager backward's formulas (``syncbn.ops.reference.backward_elemt``): local sums of ``dy``
+    and ``dy * (x - mean)`` in one pass over the activation, one all-reduce of those 2C values
+    in float64 when the input needs a gradient (the same on every rank), then ``dx`` in one
+    pointwise pass. (Autograd through the forward's moments would make inductor write and read
+    an activation-sized intermediate more.) Weight and bias gradients stay local.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, total, group):
+        acc_dtype = stat_dtype(x.dtype)
+        ndim = x.dim()
+        scale = invstd.to(acc_dtype)
+        if weight is not None:
+            scale = scale * weight.to(acc_dtype)
+        output = (x.to(acc_dtype) - _channel_view(mean.to(acc_dtype), ndim)) * _channel_view(scale, ndim)
+        if bias is not None:
+            output = output + _channel_view(bias.to(acc_dtype), ndim)
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.group = group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        acc_dtype = stat_dtype(x.dtype)
+        ndim, channels = x.dim(), x.shape[1]
+        dims = [0, *range(2, ndim)]
+        dy = grad_output.to(acc_dtype)
+        xmu = x.to(acc_dtype) - _channel_view(mean.to(acc_dtype), ndim)
+        sum_dy, sum_dy_xmu = dy.sum(dims), (dy * xmu).sum(dims)
+        grad_weight = (sum_dy_xmu * invstd.to(acc_dtype)).to(weight.dtype) if need_weight else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_input = None
+        if need_input:
+            sums = torch.cat([sum_dy, sum_dy_xmu]).double()
+            if ctx.group is not None:
+                sums = funcol.all_reduce(sums, "sum", ctx.group)
+            scale = invstd if weight is None else invstd * weight.double()
+            mean_dy, mean_dy_xmu = sums[:channels] / total, sums[channels:] / total
+            xmu_coef = (-scale * invstd * invstd * mean_dy_xmu).to(acc_dtype)
+            const = (-scale * mean_dy).to(acc_dtype)
+            grad_input = dy * _channel_view(scale.to(acc_dtype), ndim) + (
+                xmu * _channel_view(xmu_coef, ndim) + _channel_view(const, ndim)
+            )
+            grad_input = grad_input.to(x.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def _count_batch(
@@ -141,9 +189,9 @@ def training_forward(
         return input.clone()
     dims = [0, *range(2, input.dim())]
     count = input.numel() // channels
-    acc_dtype = stat_dtype(input.dtype)
-    x = input.to(acc_dtype)
+    x = input.detach().to(stat_dtype(input.dtype))
     stats = _local_moments(x, dims, count)
+    group = None
     if sync:
         group = process_group if process_group is not None else dist.group.WORLD
         stats = funcol.all_reduce(stats, "sum", group)
@@ -163,12 +211,4 @@ def training_forward(
             _update_running(running_mean, mean, momentum, keep)
         if running_var is not None:
             _update_running(running_var, var * (total / (total - 1)), momentum, keep)
-
-    ndim = input.dim()
-    scale = invstd.to(acc_dtype)
-    if weight is not None:
-        scale = scale * weight.to(acc_dtype)
-    output = (x - _channel_view(mean.to(acc_dtype), ndim)) * _channel_view(scale, ndim)
-    if bias is not None:
-        output = output + _channel_view(bias.to(acc_dtype), ndim)
-    return output.to(input.dtype)
+    return _Normalize.apply(input, weight, bias, mean, invstd, total, group)
