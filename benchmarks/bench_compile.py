@@ -305,7 +305,7 @@ def main() -> None:
         "--backend", default=None, help="torch.compile backend (default inductor; aot_eager with --smoke)"
     )
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 3, 1 with --smoke)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, 1 with --smoke)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, 1 with --smoke)")
     parser.add_argument("--iters", type=int, default=None, help="steps per round (default 4, 1 with --smoke)")
     parser.add_argument("--save", action="store_true", help="write to benchmarks/results/ (default: a scratch folder)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (overrides --save)")
@@ -313,7 +313,7 @@ def main() -> None:
     smoke = args.smoke
     args.backend = args.backend or ("aot_eager" if smoke else "inductor")
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
-    args.rounds = args.rounds if args.rounds is not None else (1 if smoke else 7)
+    args.rounds = args.rounds if args.rounds is not None else (1 if smoke else 15)
     args.iters = args.iters if args.iters is not None else (1 if smoke else 4)
     args.gpu = torch.cuda.is_available() and not (args.cpu or smoke)
     out = args.out or (RESULTS if args.save else SCRATCH)

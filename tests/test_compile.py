@@ -318,9 +318,7 @@ def _batches(net: str, sizes: list[int], steps: int, rank: int):
 
 
 def _average_grads(model: nn.Module, group) -> None:
-    """DDP's gradient averaging, so that every rank keeps the same parameters (the oracle's
-    single layer): with weights that differ between ranks, compiled code differentiates the
-    ranks' own weights, the eager formula assumes one."""
+    """DDP's gradient averaging: every rank keeps the same parameters, as in real training."""
     size = dist.get_world_size(group)
     for p in model.parameters():
         dist.all_reduce(p.grad, group=group)
@@ -388,11 +386,11 @@ def _run_and_compare(pool, net, backend, sizes, steps=3, env=None, group="w2"):
     return results
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_model_matches_eager_and_compiles_once(pool, backend):
+def test_compiled_model_matches_eager_and_compiles_once(pool):
     """Three SGD steps of a conv net, every rank a different batch size: one compile per rank
-    (steps of one shape never recompile, a SYNCBN_* variable set or not), and eager mode's results."""
-    results = _run_and_compare(pool, "conv", backend, sizes=[3, 5], env={"SYNCBN_COMPILE": "traced"})
+    (steps of one shape never recompile, a SYNCBN_* variable set or not), and eager mode's
+    results. (Inductor against eager: the checkpointing test below.)"""
+    results = _run_and_compare(pool, "conv", "aot_eager", sizes=[3, 5], env={"SYNCBN_COMPILE": "traced"})
     assert [res["compiles"] for res in results] == [1, 1]
 
 
