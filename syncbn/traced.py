@@ -15,7 +15,8 @@ between ranks, so shapes do). Nothing here makes a collective depend on the loca
 rank without samples all-reduces zeros, and its backward all-reduces like everyone's. As in
 eager mode, the backward all-reduce happens when the input needs a gradient (the same on every
 rank). The compiler neither removes nor recomputes collectives outside a checkpointed region,
-whatever the shapes.
+whatever the shapes; it does merge identical expressions, so every collective's input is
+computed from that layer's own tensors, never a constant (an empty rank's moments included).
 
 Two rules need the runtime; each goes through a small custom op:
 
@@ -72,9 +73,11 @@ def _local_moments(x: torch.Tensor, dims: list[int], count: int) -> torch.Tensor
     shifted by one sample per channel, so that a float32 reduction sums values near zero
     whatever the mean (at mean 1e4 and standard deviation 1, inductor's Welford reduction of
     16K unshifted values is off by 1e-5 in the variance, of the shifted ones by 3e-8)."""
-    channels = x.shape[1]
-    if count == 0:  # var_mean of nothing is NaN
-        moments = x.new_zeros((2 * channels,), dtype=torch.float64)
+    if count == 0:
+        # var_mean of nothing is NaN. Exact zeros computed from x, not constants: two layers'
+        # constant buffers would be one expression, which the compiler's common-subexpression
+        # pass merges into one all-reduce on this rank only.
+        moments = torch.cat([x.sum(dims), (x * x).sum(dims)]).double()
     else:
         shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)]
         var, mean = torch.var_mean(x - _channel_view(shift, x.dim()), dims, correction=0)

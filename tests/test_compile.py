@@ -302,7 +302,11 @@ def _conv_net(group) -> nn.Module:
 
 def _mlp(group) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3), nn.BatchNorm1d(3))
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(),
+        nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU(),  # two layers of one size: see the empty-rank tests
+        nn.Linear(6, 3), nn.BatchNorm1d(3),
+    )  # fmt: skip
     return syncbn.convert_sync_batchnorm(model, process_group=group)
 
 
@@ -341,7 +345,8 @@ def _case_compiled_vs_eager(ctx, net, backend, env, batches):
     with mock.patch.dict(os.environ, env):
         eager = _conv_net(ctx.group) if net == "conv" else _mlp(ctx.group)
         compiled_model = copy.deepcopy(eager)
-        counter = CompileCounterWithBackend(backend)
+        graphs: list = []
+        counter = CompileCounterWithBackend(_recording_aot_eager(graphs) if backend == "aot_eager" else backend)
         compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
         opts = {"eager": torch.optim.SGD(eager.parameters(), lr=0.05),
                 "compiled": torch.optim.SGD(compiled_model.parameters(), lr=0.05)}  # fmt: skip
@@ -357,7 +362,7 @@ def _case_compiled_vs_eager(ctx, net, backend, env, batches):
                 step[name] = _record(model, xr, y)
                 opts[name].step()
             records.append(step)
-    return {"records": records, "compiles": counter.frame_count}
+    return {"records": records, "compiles": counter.frame_count, "graphs": graphs}
 
 
 def _compare_steps(records, where, tol=TOL):
@@ -386,12 +391,19 @@ def _run_and_compare(pool, net, backend, sizes, steps=3, env=None, group="w2"):
     return results
 
 
-def test_compiled_model_matches_eager_and_compiles_once(pool):
+@pytest.mark.parametrize("sizes", [[3, 5], [0, 4]], ids=["uneven", "empty-rank"])
+def test_compiled_model_matches_eager_and_compiles_once(pool, sizes):
     """Three SGD steps of a conv net, every rank a different batch size: one compile per rank
-    (steps of one shape never recompile, a SYNCBN_* variable set or not), and eager mode's
-    results. (Inductor against eager: the checkpointing test below.)"""
-    results = _run_and_compare(pool, "conv", "aot_eager", sizes=[3, 5], env={"SYNCBN_COMPILE": "traced"})
+    (steps of one shape never recompile, a SYNCBN_* variable set or not), every rank's graphs
+    making the same collectives in the same order, and eager mode's results. On an empty rank
+    the two 8-channel layers' moments are both zeros: were they constants, the compiler would
+    merge the two all-reduces into one on that rank only. (Inductor against eager: the
+    checkpointing test below.)"""
+    results = _run_and_compare(pool, "conv", "aot_eager", sizes=sizes, env={"SYNCBN_COMPILE": "traced"})
     assert [res["compiles"] for res in results] == [1, 1]
+    sequences = [[(kind, [op for op in ops if len(op) == 3]) for kind, ops in res["graphs"]] for res in results]
+    assert sequences[0] == sequences[1], sequences
+    assert [len(collectives) for _, collectives in sequences[0]] == [3, 3]  # forward, backward
 
 
 # --- DDP -------------------------------------------------------------------------------------------
@@ -444,11 +456,11 @@ def test_compiled_ddp_matches_eager_ddp(pool, how):
 # --- activation checkpointing ----------------------------------------------------------------------
 
 
-def _case_compiled_checkpoint(ctx, where, backend, batches):
+def _case_compiled_checkpoint(ctx, where, backend, net, batches):
     from torch.utils.checkpoint import checkpoint
 
     torch._dynamo.reset()
-    eager = _conv_net(ctx.group)
+    eager = _conv_net(ctx.group) if net == "conv" else _mlp(ctx.group)
     model = copy.deepcopy(eager)
     stem, block = model[:3], model[3:]
     if where == "inside":  # checkpoint traced by the compiler: it decides what to recompute
@@ -474,16 +486,24 @@ def _case_compiled_checkpoint(ctx, where, backend, batches):
 
 
 @pytest.mark.parametrize(
-    "where, backend",
-    [("inside", "aot_eager"), ("inside", "inductor"), ("around", "aot_eager"), ("around-reentrant", "aot_eager")],
+    "where, backend, net, sizes",
+    [
+        ("inside", "aot_eager", "conv", [3, 2]),
+        # inductor's partitioner decides from the shapes what to save and what to recompute;
+        # the checkpointed region's collectives must be recomputed on every rank, an empty one
+        # too (the MLP: inductor's CPU convolution backward fails on an empty batch by itself)
+        ("inside", "inductor", "mlp", [0, 4]),
+        ("around", "aot_eager", "conv", [3, 2]),
+        ("around-reentrant", "aot_eager", "conv", [3, 2]),
+    ],
 )
-def test_compile_with_checkpointing_updates_statistics_once(pool, where, backend):
+def test_compile_with_checkpointing_updates_statistics_once(pool, where, backend, net, sizes):
     """The recomputed forward all-reduces again on every rank but counts the batch once: the
     running statistics and num_batches_tracked of a checkpointed compiled model are those of
     the eager one without checkpointing, over several steps."""
-    per_rank = [_batches("conv", [3, 2], 2, r) for r in range(2)]
+    per_rank = [_batches(net, sizes, 2, r) for r in range(2)]
     results = pool.run(
-        _case_compiled_checkpoint, group="w2", args=(where, backend), per_rank_args=per_rank, timeout=240
+        _case_compiled_checkpoint, group="w2", args=(where, backend, net), per_rank_args=per_rank, timeout=240
     )
     for records in results:
         for state_c, state_e, grads_c, grads_e in records:
