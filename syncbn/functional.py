@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import custom_ops, distributed, settings, traced
+from . import custom_ops, distributed
 from .dtypes import FLOAT_DTYPES
 from .passes import Call, RunningStats, backward_pass, count_batch, forward_pass, in_backward_pass
 
@@ -132,15 +132,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return (*_guard_double_backward(grads, needs), None, None)
 
 
-@torch.compiler.assume_constant_result
-def _compile_time_choices(process_group: dist.ProcessGroup | None) -> tuple[bool, bool]:
-    """``(sync, traced)`` for compiled code, read once when tracing (the settings are the same on
-    every rank). Outside the trace: dynamo would guard on the settings' parse cache, which the
-    first read fills, and recompile on the next call."""
-    sync = distributed.sync_world_size(process_group) > 0
-    return sync, settings.COMPILE.get() == "traced" and not (sync and distributed.debug_enabled())
-
-
 def training_forward(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -163,7 +154,11 @@ def training_forward(
     traced ops when compiling (where a recomputation must not count again).
     """
     if torch.compiler.is_compiling():
-        sync, trace = _compile_time_choices(process_group)
+        # Imported here, at trace time (dynamo runs imports): its torch.compiler decorator
+        # imports torch._dynamo, and with it Triton, which plain `import syncbn` must not.
+        from . import traced
+
+        sync, trace = traced.compile_time_choices(process_group)
         if trace:
             return traced.training_forward(
                 input,

@@ -39,9 +39,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from . import distributed, settings
 from .dtypes import stat_dtype
 from .ops.reference import _channel_view
 from .passes import MOMENTUM_NONE_MESSAGE, in_backward_pass, single_value_error
+
+
+@torch.compiler.assume_constant_result
+def compile_time_choices(process_group: dist.ProcessGroup | None) -> tuple[bool, bool]:
+    """``(sync, traced)``: whether compiled code all-reduces, and whether it takes this module's
+    path (not the custom ops of ``SYNCBN_COMPILE=ops`` and debug mode). Read once when tracing,
+    the settings being the same on every rank; traced instead, the first read would fill the
+    settings' parse cache, which dynamo guards on: a recompilation on the next call."""
+    sync = distributed.sync_world_size(process_group) > 0
+    return sync, settings.COMPILE.get() == "traced" and not (sync and distributed.debug_enabled())
 
 
 @torch.library.custom_op("syncbn::recomputing", mutates_args=())
