@@ -508,9 +508,14 @@ def test_compile_with_checkpointing_updates_statistics_once(pool, where, backend
     for records in results:
         for state_c, state_e, grads_c, grads_e in records:
             for k in state_e:  # running statistics and num_batches_tracked (a momentum=None layer)
-                torch.testing.assert_close(state_c[k], state_e[k], **TOL, msg=k)
-            for k in grads_e:  # accumulated over the steps (no optimizer)
-                torch.testing.assert_close(grads_c[k], grads_e[k], **TOL, msg=k)
+                torch.testing.assert_close(state_c[k], state_e[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+            # Accumulated over the steps (no optimizer). A bias right before a BatchNorm has a zero
+            # gradient in theory: what is left is the rounding of terms as large as the other
+            # gradients, so the absolute tolerance scales with the largest of them.
+            scale = max(1.0, max(g.abs().max().item() for g in grads_e.values()))
+            for k in grads_e:
+                tol = dict(rtol=TOL["rtol"], atol=TOL["atol"] * scale)
+                torch.testing.assert_close(grads_c[k], grads_e[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --- inductor fuses what follows the layer --------------------------------------------------------
