@@ -54,8 +54,8 @@ LAYERS = [
     ((8, 256, 28, 28), "contiguous", "ResNet stage-2 activation"),
     ((32, 2048, 7, 7), "contiguous", "many channels, small H*W"),
     ((256, 512), "contiguous", "(N, C): a projection head"),
-    ((2, 32, 16, 28, 28), "contiguous", "3-D (N, C, D, H, W)"),
-    ((2, 32, 16, 28, 28), "channels_last_3d", "3-D, channels_last_3d"),
+    ((2, 32, 16, 56, 56), "contiguous", "3-D (N, C, D, H, W) activation"),
+    ((2, 32, 16, 56, 56), "channels_last_3d", "the same, channels_last_3d"),
 ]
 TINY = (4, 8)
 FLOOR_TARGET = 1.05
@@ -86,13 +86,25 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def naive_sync_batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
-    """The naive peer (training mode, running statistics left out): equal batches on every rank
-    assumed, moments as float32 means of x and x*x, autograd through every op."""
+def naive_sync_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The naive peer in training mode: equal batches on every rank assumed, moments as float32
+    means of x and x*x, autograd through every op, running statistics updated as such code does."""
     dims = [0, *range(2, x.dim())]
     moments = torch.cat([x.mean(dims), (x * x).mean(dims)])
     mean, meansqr = (_AllReduceSum.apply(moments) / dist.get_world_size()).chunk(2)
-    invstd = torch.rsqrt(meansqr - mean * mean + eps)
+    var = meansqr - mean * mean
+    with torch.no_grad():
+        running_mean.lerp_(mean, momentum)
+        running_var.lerp_(var, momentum)
+    invstd = torch.rsqrt(var + eps)
     scale = weight * invstd
     shift = bias - mean * scale
     view = (1, -1) + (1,) * (x.dim() - 2)
@@ -111,6 +123,7 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
         bias = torch.zeros(channels, requires_grad=True)
         synced = syncbn.SyncBatchNorm(channels)
         unsynced = syncbn.SyncBatchNorm(channels, process_group=alone)
+        naive_running = (torch.zeros(channels), torch.ones(channels))
         stats_buf = torch.zeros(2 * channels + 1, dtype=torch.float64)
         grad_buf = torch.zeros(2 * channels, dtype=stat_dtype(x.dtype))
 
@@ -128,7 +141,7 @@ def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
             "floor": floor,
             "syncbn": lambda: synced(x).backward(grad),
             "syncbn unsynced": lambda: unsynced(x).backward(grad),
-            "naive": lambda: naive_sync_batch_norm(x, weight, bias).backward(grad),
+            "naive": lambda: naive_sync_batch_norm(x, weight, bias, *naive_running).backward(grad),
             "F.batch_norm": lambda: F.batch_norm(x, None, None, weight, bias, True).backward(grad),
             "all_reduce x2": collectives,
         }

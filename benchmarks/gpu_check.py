@@ -13,7 +13,8 @@ Steps, each a subprocess with its own timeout inside a total budget (``GPU_CHECK
    checks the fast launch path against the ordinary one, in a CUDA graph too);
 3. ``layer``: ``SYNCBN_TEST_DEVICE=cuda pytest tests/test_layer.py tests/test_semantics.py``
    with ``SYNCBN_TRITON_FAST_LAUNCH=1``: the oracle and contract tests on CUDA tensors, 1 to 4
-   processes sharing the GPU over gloo, through the fast launch path;
+   processes sharing the GPU over gloo, through the fast launch path, and the compiled layer's
+   oracle cases (``tests/test_compile.py``, the traced path on CUDA tensors);
 4. ``host``: ``benchmarks.host_overhead``, host time per call of the layer and its pieces;
 5. ``act``: ``benchmarks.bench_act --cuda``, SyncBatchNormAct against SyncBatchNorm + the
    activation and the 8S copy floor (``--quick`` unless 300 s remain);
@@ -21,7 +22,11 @@ Steps, each a subprocess with its own timeout inside a total budget (``GPU_CHECK
    forward+backward, BN + LeakyReLU against SyncBatchNormAct(inplace=True);
 7. ``train``: ``benchmarks.bench_train``, the ResNet-50 training step, four BatchNorm choices
    (``--no-fast-launch`` when a test of steps 2-3 failed);
-8. ``kernels``: ``benchmarks.bench_kernels`` (``--quick`` when less than 200 s remain).
+8. ``compile``: ``benchmarks.bench_compile``, training steps under torch.compile (inductor):
+   BatchNorm, syncbn traced and syncbn as custom ops with the Triton kernels inside the graph,
+   the measurement behind the default ``SYNCBN_COMPILE``. Six inductor compiles of a small
+   ResNet and a ResNet-50: minutes; run it alone (``--only compile``) when the budget is short;
+9. ``kernels``: ``benchmarks.bench_kernels`` (``--quick`` when less than 200 s remain).
 
 Everything a step prints is streamed and also written to ``$OUT/logs/<step>.log`` ($OUT when
 set, else benchmarks/results/scratch/gpu_check), packed into ``$OUT/logs.tar.gz`` at the end
@@ -53,7 +58,8 @@ from syncbn import settings
 # Seconds for all the steps together: a 600 s lease less the time to start and to pack the
 # results. A benchmark-local knob, read here only.
 BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "570"))
-STEPS = ("tests", "layer", "host", "act", "memory", "train", "kernels")
+STEPS = ("tests", "layer", "host", "act", "memory", "train", "compile", "kernels")
+COMPILED_ORACLE_TESTS = "tests/test_compile.py::test_compiled_layer_matches_oracle"
 START = time.time()
 
 
@@ -217,7 +223,8 @@ def main() -> int:
     if "layer" in only:
         with settings.TEST_DEVICE.set("cuda"), settings.TRITON_FAST_LAUNCH.set(True):
             steps.append(run_step(
-                "pytest_layer_cuda", pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py"], 120),
+                "pytest_layer_cuda",
+                pytest_cmd(["tests/test_layer.py", "tests/test_semantics.py", COMPILED_ORACLE_TESTS], 120),
                 min(120, remaining() - 240), log_dir, step_env(),
             ))  # fmt: skip
     if "host" in only:
@@ -240,6 +247,10 @@ def main() -> int:
         if tests_failed:
             train.append("--no-fast-launch")
         steps.append(run_step("bench_train", train, min(200, remaining() - 45), log_dir, env))
+    if "compile" in only:
+        compile_bench = [sys.executable, "-m", "benchmarks.bench_compile", "--out", str(results_dir)]
+        limit = 480 if only == {"compile"} else 300  # alone, it may take most of the budget
+        steps.append(run_step("bench_compile", compile_bench, min(limit, remaining() - 45), log_dir, env))
     if "kernels" in only:
         if remaining() > 60:
             bench = [sys.executable, "-m", "benchmarks.bench_kernels", "--out", str(results_dir)]
@@ -269,7 +280,7 @@ def main() -> int:
         if s["name"].startswith("pytest") and s["lines"] and s["status"] != "SKIP":
             detail, failed = pytest_result(s["lines"])
             failed_all += failed
-        elif s["name"] in ("bench_kernels", "bench_train", "bench_act", "bench_memory") and s["lines"]:
+        elif s["name"] in ("bench_kernels", "bench_train", "bench_compile", "bench_act", "bench_memory") and s["lines"]:
             detail = next((line for line in reversed(s["lines"]) if line.startswith("# wrote")), s["lines"][-1])[:150]
         elif s["lines"]:
             detail = s["lines"][-1][:150]
@@ -278,9 +289,9 @@ def main() -> int:
         print(f"failed tests ({len(failed_all)}):")
         for line in failed_all[:15]:
             print("  " + line[:220])
-    for folder, pattern in ((results_dir, "train-*.md"), (log_dir, "act-*.md"), (log_dir, "memory-cuda.md")):
-        for md in sorted(folder.glob(pattern)):
-            print("\n".join(line for line in md.read_text().splitlines() if line.startswith("|")))
+    tables = [*results_dir.glob("train-*.md"), *results_dir.glob("compile-*.md"), *log_dir.glob("act-*.md")]
+    for table in sorted(tables) + sorted(log_dir.glob("memory-cuda.md")):
+        print("\n".join(line for line in table.read_text().splitlines() if line.startswith("|")))
     print("\n".join(bench_table(results_dir)))
     if os.environ.get("OUT"):
         log_dir = pack_logs(log_dir)

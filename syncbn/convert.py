@@ -66,6 +66,7 @@ _SYNCBN_OWN = _NOT_CARRIED | {
     "activation",
     "activation_param",
     "inplace",
+    "_act_spec",
     "apply_act_module",
 }
 

@@ -1,8 +1,12 @@
-"""The two passes as custom operators, for ``torch.compile(..., fullgraph=True)``.
+"""The two passes as custom operators: compiled code with ``SYNCBN_COMPILE=ops`` or ``SYNCBN_DEBUG=1``.
 
     torch.ops.syncbn.forward    local statistics, all-reduce, running-statistics update, normalize
                                 and activate
     torch.ops.syncbn.backward   local gradient sums, all-reduce, input gradient
+
+By default compiled code runs the traced layer of ``syncbn.traced``, which the compiler fuses
+with the ops around it. These ops keep what only the eager code does: syncbn's Triton kernels
+inside a compiled graph, and the debug mode's checks read back on the host.
 
 Why custom ops. Dynamo can trace the eager autograd Function in simple cases (torch 2.13 turns
 its in-place ``dist.all_reduce`` into a functional collective), but not the layer's

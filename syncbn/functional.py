@@ -5,10 +5,13 @@ passes themselves live in ``syncbn.passes``; here are the two ways in:
 
 - eager mode: ``SyncBatchNormFunction``, an autograd Function around the two passes (the
   cheapest per call: no dispatcher);
-- under ``torch.compile``: the custom ops of ``syncbn.custom_ops``, which the compiler treats
-  as opaque nodes.
+- under ``torch.compile``: torch ops the compiler traces and fuses (``syncbn.traced``), or,
+  with ``SYNCBN_COMPILE=ops`` or ``SYNCBN_DEBUG=1``, the custom ops of ``syncbn.custom_ops``,
+  which the compiler treats as opaque nodes running the eager code.
 
 ``training_forward`` picks one; the module (``syncbn.nn``) and ``sync_batch_norm`` both call it.
+Every rank of a group must take the same way: the choice depends only on the settings (the
+same on every rank) and on whether the code is compiled, never on the local batch.
 """
 
 from __future__ import annotations
@@ -162,16 +165,39 @@ def training_forward(
     layer: torch.nn.Module | None = None,
     act: activations.Spec = activations.IDENTITY,
 ) -> torch.Tensor:
-    """Training mode, input checked: the autograd Function in eager, the custom op when compiling.
+    """Training mode, input checked: the autograd Function in eager mode; when compiling, the
+    traced ops, or the custom op (``SYNCBN_COMPILE=ops``, and in debug mode: its checks read
+    back on the host).
 
     ``num_batches_tracked`` (None: not counted) and ``momentum`` (None: cumulative average,
-    which needs the counter) go to ``count_batch``: here in eager mode, inside the op when
-    compiling (traced code would count a recomputation again). ``act``: the activation fused
-    into the passes; in place, eager mode writes the output over ``input`` (compiled code, which
-    is functional, writes a new tensor; both save only the output).
+    which needs the counter) go to ``count_batch``: here in eager mode, inside the op or the
+    traced ops when compiling (where a recomputation must not count again). ``act``: the
+    activation, fused into the passes in eager mode and in the custom ops; in the traced ops,
+    torch's functional activation after the normalization, which inductor fuses with it. In
+    place, eager mode writes the output over ``input`` and saves only the output; compiled code
+    is functional and writes a new tensor (the custom ops save only the output; in the traced
+    ops, the compiler chooses what to save), with the same effective weight (``inplace_weight``).
     """
-    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer, act)
     if torch.compiler.is_compiling():
+        # Imported here, at trace time (dynamo runs imports): its torch.compiler decorator
+        # imports torch._dynamo, and with it Triton, which plain `import syncbn` must not.
+        from . import traced
+
+        sync, trace = traced.compile_time_choices(process_group)
+        if trace:
+            output = traced.training_forward(
+                input,
+                traced.inplace_weight(weight, eps) if act.inplace else weight,
+                bias,
+                running_mean=running_mean,
+                running_var=running_var,
+                num_batches_tracked=num_batches_tracked,
+                momentum=momentum,
+                eps=eps,
+                process_group=process_group,
+                sync=sync,
+            )
+            return output if act.code == activations.IDENTITY.code else act.entry.fn(output, act.param)
         return custom_ops.sync_batch_norm_op(
             input,
             weight,
@@ -180,10 +206,11 @@ def training_forward(
             running_var=running_var,
             num_batches_tracked=num_batches_tracked,
             momentum=momentum,
-            call=call,
+            call=Call(eps, process_group, sync, layer, act),
         )
     if act.inplace:
         _check_overwritable(input)
+    call = Call(eps, process_group, distributed.sync_world_size(process_group) > 0, layer, act)
     running = count_batch(running_mean, running_var, num_batches_tracked, momentum, recomputed=in_backward_pass())
     return SyncBatchNormFunction.apply(input, weight, bias, running, call)
 

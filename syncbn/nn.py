@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from numbers import Real
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,27 @@ from .functional import check_input, eval_forward, training_forward
 
 # torch's BatchNorm takes ``bias=`` since 2.13; on older torch syncbn drops the bias itself.
 _TORCH_BATCHNORM_TAKES_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters
+
+
+def _check_options(num_features: object, eps: object, momentum: object, process_group: object) -> None:
+    """TypeError or ValueError, naming the argument, for options nn.BatchNorm would take silently
+    and fail on later (or never): the layer is built once, the check costs nothing per call."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(f"syncbn: num_features must be an int, got {type(num_features).__name__}")
+    if num_features < 0:
+        raise ValueError(f"syncbn: num_features must be >= 0, got {num_features}")
+    if isinstance(eps, bool) or not isinstance(eps, Real):
+        raise TypeError(f"syncbn: eps must be a number, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"syncbn: eps must be >= 0, got {eps}")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, Real):
+            raise TypeError(f"syncbn: momentum must be a number or None, got {type(momentum).__name__}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"syncbn: momentum must be in [0, 1] (the weight of the new statistic), got {momentum}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        what = type(process_group).__name__
+        raise TypeError(f"syncbn: process_group must be a torch.distributed.ProcessGroup or None, got {what}")
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -64,6 +86,7 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
+        _check_options(num_features, eps, momentum, process_group)
         factory = {"device": device, "dtype": dtype}
         if _TORCH_BATCHNORM_TAKES_BIAS:
             super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory, bias=bias)
@@ -196,19 +219,29 @@ class SyncBatchNormAct(SyncBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
         )
         self.activation, self.activation_param, self.inplace = spec.name, spec.param, spec.inplace
+        self._act_spec = spec
 
     # True when the ``act`` child (a converted timm layer's) is an activation the table has no
     # entry for; ``activation`` is then "identity" and the child runs after it.
     apply_act_module: bool = False
-    # Class-level default for layers pickled before the flag existed.
+    # Class-level defaults for layers pickled before these existed.
     inplace: bool = False
+    _act_spec: activations.Spec = activations.IDENTITY
+
+    def _spec(self) -> activations.Spec:
+        """The checked ``Spec`` of ``activation``, ``activation_param`` and ``inplace``, kept
+        until one of them changes (one tuple compare per call, no lookup that dynamo traces)."""
+        spec = self._act_spec
+        if (spec.name, spec.param, spec.inplace) != (self.activation, self.activation_param, self.inplace):
+            spec = self._act_spec = activations.spec(self.activation, self.activation_param, self.inplace)
+        return spec
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         drop = self._modules.get("drop")
         if drop is not None and type(drop) is not nn.Identity:  # a converted timm layer's dropout
             output = activations.apply(drop(super().forward(input)), self.activation, self.activation_param)
         else:
-            output = self._normalize(input, activations.spec(self.activation, self.activation_param, self.inplace))
+            output = self._normalize(input, self._spec())
         if self.apply_act_module:
             output = self.act(output)
         return output

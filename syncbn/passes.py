@@ -131,6 +131,15 @@ def inplace_weight(weight: torch.Tensor | None, eps: float) -> torch.Tensor | No
     return weight.abs().clamp_(min=eps).copysign_(weight)
 
 
+def single_value_error(input_shape: torch.Size, sync: bool) -> ValueError:
+    """nn.BatchNorm's error for a batch of one value per channel (here: the global batch)."""
+    where = "across the process group" if sync else "in the batch"
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
+        f"(this rank's input size: {tuple(input_shape)})"
+    )
+
+
 def forward_pass(
     input: torch.Tensor,
     weight: torch.Tensor | None,
@@ -187,11 +196,7 @@ def _too_few_values(
 ) -> tuple[torch.Tensor, None, None, None]:
     """The global-count rules: nothing to normalize for 0 values, nn.BatchNorm's error for 1."""
     if count == 1:
-        where = "across the process group" if call.sync else "in the batch"
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got 1 value per channel {where} "
-            f"(this rank's input size: {tuple(input.shape)})"
-        )
+        raise single_value_error(input.shape, call.sync)
     return (input if overwrite else torch.empty_like(input)), None, None, None
 
 

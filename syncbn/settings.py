@@ -131,6 +131,17 @@ BACKEND = Variable(
     kind="choice",
     aliases=(("reference", "torch"),),
 )
+COMPILE = Variable(
+    "SYNCBN_COMPILE",
+    "traced",
+    "How the layer runs under torch.compile. traced: as torch ops the compiler sees through "
+    "(a functional all-reduce, inductor's own reductions, the normalize step fused with the ops "
+    "around it); ops: each pass as one opaque custom op running the eager code (syncbn's "
+    "Triton kernels for CUDA tensors). Read when a model is compiled, and the same on every "
+    "rank; SYNCBN_DEBUG=1 implies ops.",
+    choices=("traced", "ops"),
+    kind="choice",
+)
 TRITON_FAST_LAUNCH = _flag(
     "SYNCBN_TRITON_FAST_LAUNCH",
     "GPU: relaunch compiled Triton kernels directly, skipping Triton's per-call argument "
@@ -155,7 +166,7 @@ SOAK_REPORT = Variable(
 )
 
 VARIABLES: tuple[Variable, ...] = (
-    DEBUG, ALWAYS_SYNC, BACKEND, TRITON_FAST_LAUNCH, TEST_DEVICE, SOAK_STEPS, SOAK_SEED, SOAK_REPORT,
+    DEBUG, ALWAYS_SYNC, BACKEND, COMPILE, TRITON_FAST_LAUNCH, TEST_DEVICE, SOAK_STEPS, SOAK_SEED, SOAK_REPORT,
 )  # fmt: skip
 
 

@@ -326,3 +326,28 @@ def test_double_backward_without_process_group():
     # plain first-order use is unaffected
     layer(x).pow(3).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_features="4"), TypeError, "num_features must be an int, got str"),
+        (dict(num_features=4.0), TypeError, "num_features must be an int, got float"),
+        (dict(num_features=-1), ValueError, "num_features must be >= 0, got -1"),
+        (dict(num_features=4, eps=-1e-5), ValueError, "eps must be >= 0"),
+        (dict(num_features=4, eps="1e-5"), TypeError, "eps must be a number, got str"),
+        (dict(num_features=4, momentum=1.5), ValueError, "momentum must be in [0, 1]"),
+        (dict(num_features=4, momentum="0.1"), TypeError, "momentum must be a number or None, got str"),
+        (
+            dict(num_features=4, process_group="world"),
+            TypeError,
+            "process_group must be a torch.distributed.ProcessGroup",
+        ),
+    ],
+)
+def test_constructor_rejects_bad_options_by_name(kwargs, error, message):
+    with pytest.raises(error) as err:
+        syncbn.SyncBatchNorm(**kwargs)
+    assert message in str(err.value)
+    with pytest.raises(error):
+        syncbn.SyncBatchNormAct(**kwargs)

@@ -1,4 +1,5 @@
-"""The benchmarks' timer, result rows and reports, and the GPU training benchmark's code at toy size on CPU."""
+"""The benchmarks' timer, result rows and reports, and the GPU training and compile benchmarks' code at
+toy size on CPU."""
 
 from __future__ import annotations
 
@@ -198,6 +199,40 @@ def test_kernel_benchmark_report_from_synthetic_timings(tmp_path):
     table = gpu_check.bench_table(tmp_path)
     assert any(line.startswith(str(layer)) and " ERR" not in line for line in table)
     assert table[-1].startswith("  ") and any("MISSED" in line for line in table)
+
+
+def test_compile_benchmark_runs_as_a_smoke_test(tmp_path):
+    """bench_compile's whole code path (worlds of 1 and 2, the five variants, the raw
+    all-reduces, report, targets, plot) on a toy model with aot_eager."""
+    from benchmarks.bench_compile import ALL_REDUCE, VARIANTS, step_table
+
+    cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--smoke", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    data = json.loads((tmp_path / "compile-smoke-test-on-cpu.json").read_text())
+    assert data["meta"]["backend"] == "aot_eager" and data["meta"]["torch"] == torch.__version__
+    rows = read_rows(tmp_path / "compile-smoke-test-on-cpu.json")
+    assert all(r.pass_ == "training step" and r.device == "cpu" and r.median_ms > 0 for r in rows)
+    table = step_table(rows)
+    assert [(r["model"], r["world"]) for r in table] == [("toy ResNet", 1), ("toy ResNet", 2)]
+    for row in table:
+        assert all(row[v] > 0 for v in (*VARIANTS, ALL_REDUCE)), row
+    md = (tmp_path / "compile-smoke-test-on-cpu.md").read_text()
+    assert "| toy ResNet | 2 | compiled syncbn / (compiled BatchNorm + raw all-reduces) |" in md
+    assert (tmp_path / "compile-smoke-test-on-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compile_benchmark_targets_from_synthetic_timings():
+    from benchmarks.bench_compile import ALL_REDUCE, targets
+
+    timings = {"batchnorm": 9.0, "batchnorm compiled": 10.0, "syncbn": 12.0, "syncbn compiled": 10.4}
+    one = {t[0]: t[1:] for t in targets({"world": 1, ALL_REDUCE: 0.1, "syncbn compiled, ops": 20.0, **timings})}
+    assert one["compiled syncbn / compiled BatchNorm (synced, world 1)"] == (pytest.approx(1.04), "<= 1.05", True)
+    assert one["compiled syncbn / eager syncbn"][2] is True
+    two = {t[0]: t[1:] for t in targets({"world": 2, ALL_REDUCE: 0.3, "syncbn compiled, ops": 20.0, **timings})}
+    assert "compiled syncbn / compiled BatchNorm (synced, world 1)" not in two
+    value, _, met = two["compiled syncbn / (compiled BatchNorm + raw all-reduces)"]
+    assert value == pytest.approx(10.4 / 10.3) and met is False
 
 
 def test_memory_benchmark_counts_what_autograd_saves(tmp_path):

@@ -43,16 +43,22 @@ def _build_layer(cfg: LayerConfig, group, device) -> syncbn.SyncBatchNorm:
     return layer
 
 
-def _case_train(ctx, cfg: LayerConfig, rank_data):
-    """Worker side: train ``steps`` [(x, grad)] on this rank, record everything, then eval."""
+def _case_train(ctx, cfg: LayerConfig, wrap, rank_data):
+    """Worker side: train ``steps`` [(x, grad)] on this rank, record everything, then eval.
+
+    ``wrap``: None, or a module-level callable ``wrap(layer) -> (forward, info)`` whose
+    ``forward`` replaces the layer's in training (a compiled one: tests/test_compile.py);
+    ``info`` comes back with the results.
+    """
     steps, eval_x = rank_data
     device = _setup_device(cfg)
     layer = _build_layer(cfg, ctx.group, device)
+    forward, info = (layer, None) if wrap is None else wrap(layer)
     fmt = MEMORY_FORMATS[cfg.memory_format]
     records = []
     for x, g in steps:
         x = x.to(device).contiguous(memory_format=fmt).requires_grad_()
-        y = layer(x)
+        y = forward(x)
         y.backward(g.to(device).contiguous(memory_format=fmt))
         rec = {
             "y": y.detach().cpu(),
@@ -74,18 +80,19 @@ def _case_train(ctx, cfg: LayerConfig, rank_data):
     layer.eval()
     with torch.no_grad():
         eval_y = layer(eval_x.to(device).contiguous(memory_format=fmt)).cpu()
-    return {"steps": records, "eval_y": eval_y}
+    return {"steps": records, "eval_y": eval_y, "info": info}
 
 
-def run_and_check(pool, group: str, cfg: LayerConfig) -> None:
-    """Run ``cfg`` on the pool's ``group`` and compare every result with the oracle."""
+def run_and_check(pool, group: str, cfg: LayerConfig, wrap=None) -> list[dict]:
+    """Run ``cfg`` on the pool's ``group`` and compare every result with the oracle; returns
+    every rank's results (``wrap``: see ``_case_train``)."""
     cfg = dataclasses.replace(cfg, device=DEVICE)
     world = len(cfg.sizes[0])
     data = make_data(cfg)
     eval_data = make_eval_data(cfg, world)
     expected = run_oracle(cfg, data, eval_data)
     per_rank = [([step[r] for step in data], eval_data[r]) for r in range(world)]
-    results = pool.run(_case_train, group=group, args=(cfg,), per_rank_args=per_rank)
+    results = pool.run(_case_train, group=group, args=(cfg, wrap), per_rank_args=per_rank)
     assert len(results) == world
 
     atol, rtol = TOLERANCES[cfg.torch_dtype]
@@ -140,6 +147,7 @@ def run_and_check(pool, group: str, cfg: LayerConfig) -> None:
             rtol=rtol,
             msg=lambda m: f"rank {r} eval output: {m}",
         )
+    return results
 
 
 # Each case: (group, config). Sizes are per step, per rank; three steps each so that running

@@ -141,6 +141,12 @@ def test_inplace_needs_an_invertible_activation():
         syncbn.SyncBatchNormAct(3, activation="elu", inplace="yes")
     for name in INVERTIBLE:
         assert syncbn.SyncBatchNormAct(3, activation=name, inplace=True).inplace
+    layer = syncbn.SyncBatchNormAct(3)
+    layer.inplace = True  # checked at the next call, as at construction
+    with pytest.raises(ValueError, match="inplace=True needs an invertible activation"):
+        layer(torch.randn(4, 3) * 1)
+    layer.activation, layer.activation_param = "leaky_relu", 0.3
+    assert layer(torch.randn(4, 3) * 1).min() < 0 and layer._spec() == activations.spec("leaky_relu", 0.3, True)
 
 
 def test_state_dict_and_repr():

@@ -101,7 +101,7 @@ def _draw_episode(rng: random.Random, index: int) -> tuple[str, LayerConfig, str
 def _case_soak(ctx, cfg, env, kind, rank_data):
     with mock.patch.dict(os.environ, env):
         if kind == "train":
-            return _case_train(ctx, cfg, rank_data)
+            return _case_train(ctx, cfg, None, rank_data)
         # edge: one step with a global count of 0 or 1
         ((x, _),) = rank_data[0]
         layer = syncbn.SyncBatchNorm(
