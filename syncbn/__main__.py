@@ -127,8 +127,14 @@ def verify(nproc: int | None, backend: str, timeout: float) -> int:
 
 # (module in benchmarks/, arguments) per machine kind; --quick, --save and --out are passed on.
 BENCHMARKS = {
-    "cpu": [("bench_cpu", []), ("bench_comm", []), ("bench_train", ["--cpu"])],
-    "gpu": [("bench_kernels", []), ("bench_train", []), ("bench_comm", [])],
+    "cpu": [("bench_cpu", []), ("bench_comm", []), ("bench_train", ["--cpu"]), ("bench_act", []), ("bench_memory", [])],
+    "gpu": [
+        ("bench_kernels", []),
+        ("bench_train", []),
+        ("bench_comm", []),
+        ("bench_act", ["--cuda"]),
+        ("bench_memory", ["--cuda"]),
+    ],
 }
 
 
@@ -235,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench",
         help="run the benchmarks that fit this machine (CPU or GPU); results to benchmarks/results/scratch/",
         description="Run the repository's benchmarks for this machine: on CPU the layer at world size 2 "
-        "(bench_cpu), communication (bench_comm) and a training step (bench_train --cpu); on a GPU the "
-        "kernels (bench_kernels), ResNet-50 training steps (bench_train) and communication. Results "
+        "(bench_cpu), communication (bench_comm), a training step (bench_train --cpu), BatchNorm + "
+        "activation speed (bench_act) and saved memory (bench_memory); on a GPU the kernels "
+        "(bench_kernels), ResNet-50 training steps (bench_train), communication, and bench_act and "
+        "bench_memory with --cuda. Results "
         "go to benchmarks/results/scratch/ (git-ignored); only a full run with --save replaces the "
         "committed benchmarks/results/. Needs a source checkout (pip install -e .).",
     )

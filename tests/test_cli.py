@@ -157,8 +157,8 @@ def test_bench_quick_leaves_the_committed_results_untouched():
     assert _committed_results() == before
     scratch = RESULTS / "scratch"
     assert f"results in {scratch}" in result.stdout
-    assert result.stdout.count("done in") == 3, result.stdout  # a progress line per benchmark
-    for name in ("cpu.json", "comm.json", "train-cpu.json"):
+    assert result.stdout.count("done in") == 5, result.stdout  # a progress line per benchmark
+    for name in ("cpu.json", "comm.json", "train-cpu.json", "act-cpu.json", "memory.json"):
         assert (scratch / name).stat().st_mtime >= start, name
 
 
