@@ -123,6 +123,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         )
     if args.ckpt_every and not args.ckpt:
         parser.error("argument --ckpt-every: needs --ckpt, the file to write")
+    if args.ckpt and not os.path.isdir(os.path.dirname(os.path.abspath(args.ckpt))):
+        parser.error(f"argument --ckpt: the directory of {args.ckpt} does not exist")
     return Config(**vars(args))
 
 

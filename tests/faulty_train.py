@@ -5,8 +5,9 @@
 
 Each ``--fault ATTEMPT:RANK:ACTION:MOMENT:N``: in torchrun's attempt ATTEMPT (its
 TORCHELASTIC_RESTART_COUNT; 0 outside torchrun), rank RANK does ACTION at the N-th MOMENT of that
-attempt. Moments: ``step`` (inside the forward of the N-th training step), ``save`` (writing the
-N-th checkpoint, with half of its bytes in the temporary file), ``eval`` (inside the N-th forward
+attempt. Moments: ``step`` (inside the forward of the N-th training step), ``save`` (the N-th
+checkpoint: rank 0 with half of its bytes in the temporary file, another rank right after it
+handed rank 0 its states, while rank 0 writes), ``eval`` (inside the N-th forward
 in eval mode), ``start`` (just before init_process_group: the restart itself). Actions: ``kill``
 (SIGKILL itself), ``term`` (SIGTERM itself), ``term-agent`` (SIGTERM its parent, the torchrun
 agent, which forwards it to every worker).
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "launch"))
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 ACTIONS = {
@@ -66,6 +68,12 @@ def install(faults: list[tuple[int, int, str, str, int]]) -> None:
         return forward(self, x)
 
     save = torch.save
+    checkpoint_save = checkpoint.Checkpoint.save
+
+    def faulty_checkpoint_save(self, position):
+        checkpoint_save(self, position)
+        if rank != 0:  # (rank 0 arrives inside the write)
+            arrive("save")
 
     def faulty_save(obj, f, *args, **kwargs):
         if isinstance(f, io.BytesIO):  # torch's object collectives serialize through torch.save too
@@ -89,6 +97,7 @@ def install(faults: list[tuple[int, int, str, str, int]]) -> None:
 
     train.ResNet.forward = faulty_forward
     torch.save = faulty_save
+    checkpoint.Checkpoint.save = faulty_checkpoint_save
     dist.init_process_group = faulty_init
 
 

@@ -12,6 +12,7 @@ and kills and signals from outside at random moments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -84,14 +85,18 @@ def _assert_same_run(state: dict, reference: dict) -> None:
         )
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, dict]:
+def _uninterrupted(flags: list[str], directory: Path) -> tuple[str, dict]:
     """The uninterrupted run (through launch/run_cpu.sh): its final line and final checkpoint."""
-    ckpt = tmp_path_factory.mktemp("reference") / "ckpt.pt"
-    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_cpu.sh"), *FLAGS, "--ckpt", str(ckpt)], timeout=240)
+    ckpt = directory / "ckpt.pt"
+    result = procs.run(["bash", str(procs.ROOT / "launch" / "run_cpu.sh"), *flags, "--ckpt", str(ckpt)], timeout=240)
     assert result.returncode == 0, result.stdout
     assert "2 process(es), backend gloo" in result.stdout and "9 x syncbn.SyncBatchNorm" in result.stdout
     return _final_line(result.stdout), torch.load(ckpt, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[str, dict]:
+    return _uninterrupted(FLAGS, tmp_path_factory.mktemp("reference"))
 
 
 def test_sigterm_stops_every_rank_after_one_step_and_resumes_exactly(reference, tmp_path):
@@ -155,6 +160,7 @@ def test_sigkill_under_max_restarts_at_several_moments_resumes_exactly(reference
         (["--ckpt-every", "10"], "argument --ckpt-every: needs --ckpt, the file to write"),
         (["--timeout", "0"], "argument --timeout: must be a finite number >= 1, got 0.0"),
         (["--timeout", "nan"], "argument --timeout: must be a finite number >= 1, got nan"),
+        (["--ckpt", "/no/such/dir/ckpt.pt"], "argument --ckpt: the directory of /no/such/dir/ckpt.pt does not exist"),
     ],
 )
 def test_new_options_are_validated(argv, message, capsys):
@@ -364,39 +370,57 @@ def _worker_pids(agent_pid: int) -> list[int]:
     return [pid for pid in procs.process_tree(agent_pid) if pid != agent_pid]
 
 
+LONG_FLAGS = [*FLAGS[: FLAGS.index("--epochs")], "--epochs", "6", *FLAGS[FLAGS.index("--epochs") + 2 :]]
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> tuple[str, dict]:
+    return _uninterrupted(LONG_FLAGS, tmp_path_factory.mktemp("long-reference"))
+
+
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", range(6))
-def test_sweep_interrupted_from_outside_at_random_moments(reference, tmp_path, seed):
-    """Kills and signals from outside at random moments, start-up included: SIGKILL of a random
-    worker (torchrun restarts the group), SIGTERM to the agent or to a random worker (the run
-    stops and is resumed); then one run without interruption finishes. The end must be the
-    uninterrupted run's."""
+def test_sweep_interrupted_from_outside_at_random_moments(long_reference, tmp_path, seed):
+    """Kills and signals from outside at random moments (start-up and restarts included): SIGKILL
+    of a random worker, up to 3 per torchrun run (which restarts the group each time), and SIGTERM
+    to the agent or to a random worker (the run stops and is resumed by the next one); after six
+    interrupted runs, one without interruption finishes. The end must be the uninterrupted run's."""
     rng = random.Random(seed)
     ckpt = tmp_path / "ckpt.pt"
-    args = [str(procs.ROOT / "launch" / "train.py"), *FLAGS, "--ckpt", str(ckpt), "--ckpt-every", "5", "--resume"]
+    args = [str(procs.ROOT / "launch" / "train.py"), *LONG_FLAGS, "--ckpt", str(ckpt), "--ckpt-every", "5"]
     events = []
-    for interrupt in [True] * 4 + [False]:
-        started = procs.Started(
-            procs.torchrun_command(*args, options=("--standalone", "--max-restarts=3")), FRESH_STORE
-        )
+    for launch in range(8):
+        command = procs.torchrun_command(*args, "--resume", options=("--standalone", "--max-restarts=3"))
+        started = procs.Started(command, FRESH_STORE)
         try:
-            if interrupt:
-                if rng.random() < 0.7:  # while training, else during start-up
-                    started.wait_for("steps per epoch", timeout=120)
-                time.sleep(rng.uniform(0, 2))
-                kind = rng.choice(["kill-worker", "kill-worker", "term-agent", "term-worker"])
+            for _ in range(rng.randint(1, 3) if launch < 6 else 0):
+                if rng.random() < 0.7:  # while training, else during start-up or a restart
+                    with contextlib.suppress(AssertionError):  # (it may have finished)
+                        started.wait_for("steps per epoch", timeout=120)
+                deadline = time.monotonic() + 60
+                while (
+                    not _worker_pids(started.proc.pid) and started.proc.poll() is None and time.monotonic() < deadline
+                ):
+                    time.sleep(0.05)  # torchrun starts its workers
+                time.sleep(rng.uniform(0, 1.5))
                 workers = _worker_pids(started.proc.pid)
-                if workers and started.proc.poll() is None:
-                    target = started.proc.pid if kind == "term-agent" else rng.choice(workers)
-                    os.kill(target, signal.SIGKILL if kind == "kill-worker" else signal.SIGTERM)
-                    events.append(kind)
+                if started.proc.poll() is not None or not workers:
+                    events.append("(finished first)")
+                    break
+                kind = rng.choice(["kill-worker", "kill-worker", "term-agent", "term-worker"])
+                target = started.proc.pid if kind == "term-agent" else rng.choice(workers)
+                os.kill(target, signal.SIGKILL if kind == "kill-worker" else signal.SIGTERM)
+                events.append(kind)
+                if kind != "kill-worker":
+                    break  # the run stops
             result = started.finish(timeout=240)
         finally:
             started.kill()
         assert "connectFullMesh" not in result.stdout, result.stdout
         if FINAL.search(result.stdout):
             break
-    final_line, reference_state = reference
+        events.append("| resume:")
+    print(f"\nsweep seed {seed}: {' '.join(events)}")
+    final_line, reference_state = long_reference
     assert _final_line(result.stdout) == final_line, events
     _assert_same_run(torch.load(ckpt, weights_only=True), reference_state)
-    print(f"\nsweep seed {seed}: {' '.join(events)}")
