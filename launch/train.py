@@ -476,6 +476,9 @@ def main(cfg: Config) -> None:
         # in the other order, torch 2.13 with gloo sometimes aborts the process at exit.
         del model
         gc.collect()
+        # No rank tears gloo down while another still uses it: one leaving early can take the
+        # other down with it at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
