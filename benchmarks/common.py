@@ -22,10 +22,12 @@ import dataclasses
 import datetime
 import functools
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -368,6 +370,18 @@ def save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def launch_module(name: str):
+    """A module of ``launch/`` (scripts, not a package), loaded from its file and registered under
+    its own name, so that ``launch/train.py``'s ``import checkpoint`` finds its sibling."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

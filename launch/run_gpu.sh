@@ -10,6 +10,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/run_gpu.sh    # on node 1
 #
+# MAX_RESTARTS=3 has torchrun restart the workers (of every node) after a failure; with --ckpt and
+# --resume they continue from the last checkpoint.
+#
 # Without a GPU, launch/run_cpu.sh trains the same model on CPU processes.
 set -euo pipefail
 
@@ -19,10 +22,18 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-syncbn-train}   # the same on every node of one job, different between jobs
 BACKEND=${BACKEND:-nccl}
+MAX_RESTARTS=${MAX_RESTARTS:-0}   # times torchrun restarts the workers after one fails
+# A fresh rendezvous store for every attempt: a restarted group that reuses torchrun's shared
+# store can read the previous attempt's addresses (README, Troubleshooting, Elastic restarts).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+    echo "run_gpu.sh: MAX_RESTARTS=$MAX_RESTARTS is not a number of restarts (0, 1, ...)" >&2
+    exit 1
+fi
 # --help from one process, not from every rank.
 for arg in "$@"; do
     if [[ "$arg" == -h || "$arg" == --help ]]; then exec python "$ROOT/launch/train.py" --help; fi
@@ -59,4 +70,5 @@ exec torchrun \
     --rdzv-endpoint "$RDZV_ENDPOINT" \
     --rdzv-id "$RDZV_ID" \
     --rdzv-conf "is_host=$IS_HOST" \
+    --max-restarts "$MAX_RESTARTS" \
     "$ROOT/launch/train.py" --backend "$BACKEND" "$@"

@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 launch/train.py      # the same, by hand
     bash launch/run_gpu.sh --amp bf16 --channels-last             # every GPU of this node (NCCL)
     python launch/train.py                                        # one process, no torchrun
+    MAX_RESTARTS=3 bash launch/run_cpu.sh --ckpt ckpt.pt --ckpt-every 100 --resume   # survives kills
 
 The syncbn part is one line, marked "syncbn:" below: build the model with ordinary
 nn.BatchNorm2d layers, convert them with ``syncbn.convert_sync_batchnorm`` and only then wrap
@@ -11,6 +12,12 @@ the model in DistributedDataParallel. Every BatchNorm then normalizes over the g
 ranks' samples), as one process with the whole batch would. The rest is the usual DDP skeleton:
 a DistributedSampler, a loss averaged over the global batch, metrics summed over ranks, rank 0
 alone prints and saves the checkpoint, every rank loads it to resume.
+
+Preemption (launch/checkpoint.py, next to this file: copy both). On SIGTERM or SIGINT every rank
+finishes its step, the ranks agree to stop after the same one, rank 0 writes the checkpoint and
+all exit 0. A checkpoint (every epoch, every ``--ckpt-every`` steps, on a signal) holds the model
+with its running statistics, the optimizer, the schedule, the position in the epoch and every
+rank's RNG states: ``--resume`` continues mid-epoch exactly where the run stopped, bit for bit.
 
 ``--precise-bn N`` recomputes every BatchNorm's running statistics over N training batches per
 rank before the final evaluation (``syncbn.update_bn_stats``) and prints the validation scores
@@ -24,19 +31,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import gc
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
 
+import checkpoint  # launch/checkpoint.py, next to this file: signals, checkpoint file, exact resume
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import syncbn
 
@@ -79,8 +89,15 @@ class Config:
     amp: str = option(
         "none", "bf16: torch.autocast to bfloat16 (CPU and GPU); parameters stay float32", ("none", "bf16")
     )
-    ckpt: str = option("", "checkpoint file, written by rank 0 after every epoch")
+    augment: bool = option(False, "mirror each training image left-right with probability 1/2 (draws from the RNG)")
+    ckpt: str = option(
+        "", "checkpoint file, written by rank 0 after every epoch, every --ckpt-every steps and on SIGTERM/SIGINT"
+    )
+    ckpt_every: int = option(0, "also write the checkpoint every this many steps (0: not within epochs)", minimum=0)
     resume: bool = option(False, "continue from --ckpt if that file exists (a requeued job can always pass it)")
+    timeout: float = option(
+        600.0, "seconds to wait for the other ranks, at start-up and in every collective, before failing", minimum=1
+    )
     seed: int = option(0, "seed of the data, the initial weights and the shuffling")
 
 
@@ -111,6 +128,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
             "argument --backend: nccl needs CUDA and torch sees no CUDA device; "
             "use --backend gloo, as launch/run_cpu.sh does"
         )
+    if args.ckpt_every and not args.ckpt:
+        parser.error("argument --ckpt-every: needs --ckpt, the file to write")
+    if args.ckpt and not os.path.isdir(os.path.dirname(os.path.abspath(args.ckpt))):
+        parser.error(f"argument --ckpt: the directory of {args.ckpt} does not exist")
     return Config(**vars(args))
 
 
@@ -180,6 +201,12 @@ def digits_dataset() -> TensorDataset:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
     return TensorDataset((images - 4.9) / 6.0, torch.tensor(digits.target))  # about zero mean, unit std
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2 (draws from the RNG of the images' device)."""
+    flip = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
+    return torch.where(flip, images.flip(-1), images)
 
 
 def build_datasets(cfg: Config) -> tuple[TensorDataset, TensorDataset, int, int]:
@@ -277,9 +304,15 @@ def main(cfg: Config) -> None:
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=cfg.timeout)
     if distributed:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # With a timeout, a group that cannot form (a peer that died or never came) is an error
+        # after --timeout, so that torchrun can restart the workers, instead of a 30-minute wait.
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
+    host_group = checkpoint.host_group(timeout)  # the stop flag and RNG states travel on CPU tensors
     master = rank == 0  # rank 0 alone prints and writes the checkpoint
+    if master and (warning := checkpoint.shared_store_warning()):
+        print(warning, flush=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -287,8 +320,11 @@ def main(cfg: Config) -> None:
 
     # Data: each rank sees a different 1/world of the shuffled training set every epoch.
     train_set, val_set, in_channels, num_classes = build_datasets(cfg)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    sampler = checkpoint.ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    # The loader draws a seed for its worker processes at every epoch: from a generator of its own,
+    # seeded per epoch as the sampler is, not from the global RNG that a checkpoint restores.
+    loader_rng = torch.Generator()
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=loader_rng)
     val_share = Subset(val_set, range(rank, len(val_set), world))  # every sample scored exactly once
     if len(loader) == 0:
         sys.exit(f"--batch-size {cfg.batch_size} is larger than a rank's share of {len(train_set)} images")
@@ -307,18 +343,23 @@ def main(cfg: Config) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
+    # From here on (augmentation), each rank draws its own numbers; a checkpoint saves the states.
+    torch.manual_seed(cfg.seed + 1 + rank)
+    random.seed(cfg.seed + 1 + rank)
 
-    start_epoch = 0
+    ckpt = checkpoint.Checkpoint(cfg.ckpt, cfg, model, optimizer, scheduler, device, host_group)
+    start = checkpoint.Position()  # epoch 0, step 0
     if cfg.resume and cfg.ckpt and os.path.exists(cfg.ckpt):
-        ckpt = torch.load(cfg.ckpt, map_location=device, weights_only=True)  # every rank loads it
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = ckpt["epoch"]
+        try:  # every rank loads it: model, optimizer, schedule, its RNG states, the position
+            start = ckpt.resume()
+        except checkpoint.CheckpointError as error:
+            sys.exit(f"train.py: {error}")
         if master:
-            print(f"resumed from {cfg.ckpt}: {start_epoch} epoch(s) done")
+            where = f"epoch {start.epoch + 1}, step {start.batches}/{len(loader)}" if start.batches else ""
+            print(f"resumed from {cfg.ckpt}: {start.epoch} epoch(s) done{', then ' + where if where else ''}")
     elif cfg.resume and master:
         print(f"--resume: no checkpoint at {cfg.ckpt or '(no --ckpt given)'}, starting from scratch")
+    checkpoint.check_same_position(start, cfg.ckpt, host_group)
 
     raw_model = model
     if distributed:
@@ -338,18 +379,25 @@ def main(cfg: Config) -> None:
         print(f"model: ResNet, {n_params / 1e3:.0f}k parameters, {n_bn} x {bn_kind}")
         print(
             f"data: {cfg.data}, {len(train_set)} train / {len(val_set)} val images of {shape}, batch "
-            f"{cfg.batch_size} per rank ({cfg.batch_size * world} global), {len(loader)} steps per epoch"
+            f"{cfg.batch_size} per rank ({cfg.batch_size * world} global), {len(loader)} steps per epoch",
+            flush=True,
         )
 
+    stop = checkpoint.StopSignal(host_group)  # from here on SIGTERM/SIGINT stop the run after a step
+    stopped_by = None
     images_per_s = []
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)  # a different shuffle every epoch, the same on every rank
+    for epoch in range(start.epoch, cfg.epochs):
+        first = start.batches if epoch == start.epoch else 0  # steps of this epoch done before a resume
+        sampler.set_epoch(epoch, skip=first * cfg.batch_size)  # a different shuffle every epoch, the same on every rank
+        loader_rng.manual_seed(cfg.seed + epoch)
         model.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        totals = torch.tensor(start.totals if first else [0.0] * 3, dtype=torch.float64, device=device)
         progress = Progress(len(loader), f"epoch {epoch + 1}/{cfg.epochs}", master)
-        start = time.perf_counter()
-        for step, (x, y) in enumerate(loader):
+        start_time = time.perf_counter()
+        for step, (x, y) in enumerate(loader, start=first):
             x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+            if cfg.augment:
+                x = random_flip(x)
             with autocast:
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)  # mean over this rank's batch; DDP averages over ranks
@@ -362,34 +410,40 @@ def main(cfg: Config) -> None:
                     [loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)]
                 ).double()
             progress.update(step + 1, lambda: f"loss {loss.item():.3f}")
+            # Every rank, after every step: did a signal reach any rank? Then all stop here.
+            stopped_by = stop.agreed()
+            steps_done = epoch * len(loader) + step + 1
+            if cfg.ckpt and (stopped_by or (cfg.ckpt_every and steps_done % cfg.ckpt_every == 0)):
+                ckpt.save(checkpoint.Position(epoch, step + 1, totals.tolist()))
+            if stopped_by:
+                break
         progress.close()
+        if stopped_by:
+            break
         loss_sum, correct, count = all_reduce_sum(totals).tolist()  # waits for every rank's last step
-        elapsed = time.perf_counter() - start
-        images_per_s.append(count / elapsed)
+        elapsed = time.perf_counter() - start_time
+        rate = (len(loader) - first) * cfg.batch_size * world / elapsed  # the steps trained in this process
+        if first < len(loader):  # (a run resumed after the epoch's last step trained nothing here)
+            images_per_s.append(rate)
         val_loss, val_acc, n_val = evaluate(raw_model, val_share, device, memory_format, autocast)
-        if master and cfg.ckpt:
-            # The bare model's state_dict: its keys are those of the plain model (SyncBatchNorm
-            # has BatchNorm2d's keys), so the checkpoint also loads without syncbn or DDP.
-            state = {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-                "config": dataclasses.asdict(cfg),
-            }
-            torch.save(state, cfg.ckpt + ".tmp")
-            os.replace(cfg.ckpt + ".tmp", cfg.ckpt)  # never leave a half-written checkpoint
+        if cfg.ckpt:
+            ckpt.save(checkpoint.Position(epoch + 1))  # every rank calls it, rank 0 writes
         if master:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}  train loss {loss_sum / count:.3f} acc {100 * correct / count:5.1f}%  "
                 f"|  val loss {val_loss:.3f} acc {100 * val_acc:5.1f}%  "
-                f"|  {count / elapsed:,.0f} images/s  {elapsed:.1f} s",
+                f"|  {rate:,.0f} images/s  {elapsed:.1f} s",
                 flush=True,
             )
+        if epoch + 1 < cfg.epochs and (stopped_by := stop.agreed()):  # a signal during the evaluation
+            break
 
-    if not images_per_s:  # resumed after the last epoch: nothing trained, report the checkpoint
+    if stopped_by and master:  # the checkpoint holds the progress; the resumed run evaluates
+        saved = f"checkpoint {cfg.ckpt} written" if cfg.ckpt else "no --ckpt given, nothing saved"
+        print(f"stopped by {stopped_by} after step {scheduler.last_epoch} of {total_steps}; {saved}", flush=True)
+    if not images_per_s and not stopped_by:  # resumed after the last epoch: nothing trained, report the checkpoint
         val_loss, val_acc, n_val = evaluate(raw_model, val_share, device, memory_format, autocast)
-    if cfg.precise_bn:
+    if cfg.precise_bn and not stopped_by:
         # Precise BN: the running statistics of the final weights, exact over every rank's batches.
         def bn_forward(model: nn.Module, batch) -> None:
             with autocast:
@@ -409,7 +463,7 @@ def main(cfg: Config) -> None:
             print(
                 f"precise BN: after   {scores()} (statistics over {used} batches per rank, {elapsed:.1f} s)", flush=True
             )
-    if master:
+    if master and not stopped_by:
         speed = f", {sum(images_per_s) / len(images_per_s):,.0f} train images/s" if images_per_s else ""
         saved = f"; checkpoint {cfg.ckpt}" if cfg.ckpt else ""
         print(
@@ -422,6 +476,9 @@ def main(cfg: Config) -> None:
         # in the other order, torch 2.13 with gloo sometimes aborts the process at exit.
         del model
         gc.collect()
+        # No rank tears gloo down while another still uses it: one leaving early can take the
+        # other down with it at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

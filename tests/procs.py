@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (Linux /proc; just ``pid`` elsewhere)."""
     found, todo = [], [pid]
     while todo:
@@ -37,22 +37,26 @@ def _tree(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process below it, as a job scheduler ending a job does."""
-    for member in _tree(pid):
+    for member in process_tree(pid):
         try:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
+def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, one thread per process, the repository importable, and ``env``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+
+
 def run(
     args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess:
     """Run ``args``; return the completed process (stdout and stderr merged into ``.stdout``)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(
         args,
         cwd=cwd,
-        env=full_env,
+        env=environment(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -67,43 +71,83 @@ def run(
     return subprocess.CompletedProcess(args, proc.returncode, out, None)
 
 
+class Started:
+    """A command running in the background, its output (stdout and stderr merged) collected line
+    by line; ``finish`` or ``kill`` ends it and everything it started."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=environment(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._new.put(line)
+        self._new.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, marker: str, timeout: float) -> str:
+        """Block until a line containing ``marker`` is printed; return that line. Raise if the
+        command exits first or ``timeout`` seconds pass (then the command is killed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._new.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no line with {marker!r} within {timeout:g} s:\n{self.output}") from None
+            if line is None:
+                raise AssertionError(f"exited (code {self.proc.wait()}) before printing {marker!r}:\n{self.output}")
+            if marker in line:
+                return line
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for the command to exit; past ``timeout`` seconds, kill it and raise."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{' '.join(self.args)} did not finish in {timeout:g} s; output:\n{self.output}"
+            ) from None
+        self._reader.join(10)
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, self.output, None)
+
+    def kill(self) -> None:
+        """SIGKILL the command and everything below it (nothing if it has exited)."""
+        if self.proc.poll() is None:
+            kill_tree(self.proc.pid)
+        self.proc.wait()
+        self._reader.join(10)
+
+
 def run_until_line(args: list[str], marker: str, timeout: float) -> str:
     """Run ``args`` until a line containing ``marker`` is printed, then SIGKILL its whole tree.
 
     The way a preempted job dies: no clean shutdown, no chance to write anything more. Returns
     the output up to and including that line.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True)
-    reader.start()
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
+    started = Started(args)
     try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line with {marker!r} within {timeout:g} s:\n{''.join(seen)}") from None
-            if line is None:
-                raise AssertionError(f"exited (code {proc.wait()}) before printing {marker!r}:\n{''.join(seen)}")
-            seen.append(line)
-            if marker in line:
-                return "".join(seen)
+        started.wait_for(marker, timeout)
+        return "".join(started.lines)
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
-        proc.wait()
-        reader.join(10)
+        started.kill()
 
 
 def python(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -111,6 +155,17 @@ def python(*args: str, timeout: float, env: dict[str, str] | None = None) -> sub
     return run([sys.executable, *args], timeout=timeout, env=env)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node N ARGS`` with this interpreter."""
-    return python("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args, timeout=timeout)
+def torchrun_command(*args: str, nproc: int = 2, options: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    """``torchrun OPTIONS --nproc-per-node N ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", *options, f"--nproc-per-node={nproc}", *args]
+
+
+def torchrun(
+    *args: str,
+    nproc: int = 2,
+    timeout: float,
+    options: tuple[str, ...] = ("--standalone",),
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """``torchrun OPTIONS --nproc-per-node N ARGS`` with this interpreter (``--standalone`` by default)."""
+    return run(torchrun_command(*args, nproc=nproc, options=options), timeout=timeout, env=env)

@@ -16,7 +16,9 @@ kernels on CPU under Triton's interpreter. What only a GPU can show:
   with inductor (and its CUDA graphs), the traced layer and the custom ops, activation checkpointing,
   ``SYNCBN_DEBUG``'s all_gather over NCCL, NaN/inf, 65536 channels, strided and expanded
   inputs, zero channels, inference mode, the double-backward error;
-- Lightning's Trainer with ``syncbn.integrations.lightning.SyncBatchNormPlugin`` on GPUs.
+- Lightning's Trainer with ``syncbn.integrations.lightning.SyncBatchNormPlugin`` on GPUs;
+- launch/train.py's preemption path on NCCL: the stop flag and RNG states over a gloo group
+  beside NCCL, each rank's CUDA RNG state in the checkpoint.
 """
 
 from __future__ import annotations
@@ -731,3 +733,24 @@ def test_lightning_plugin_on_gpus(tmp_path):
 
     devices = min(2, torch.cuda.device_count())
     check_lightning_run(tmp_path, "gpu", devices, env={} if devices > 1 else {"SYNCBN_ALWAYS_SYNC": "1"})
+
+
+def test_train_template_stops_and_resumes_on_nccl(tmp_path):
+    """launch/train.py on NCCL (1 or 2 GPUs): a SIGTERM inside step 5 stops every rank after it,
+    the stop flag and the RNG states going over the gloo group beside NCCL; the checkpoint holds
+    each rank's CUDA RNG state (the random flips draw from it); --resume finishes the run."""
+    from tests import procs
+
+    nproc = min(2, torch.cuda.device_count())
+    ckpt = tmp_path / "ckpt.pt"
+    flags = ["--backend", "nccl", "--train-size", "256", "--width", "8", "--batch-size", "8", "--epochs", "2"]
+    args = [str(procs.ROOT / "tests" / "faulty_train.py"), *flags, "--augment", "--ckpt", str(ckpt)]
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    first = procs.torchrun(*args, "--fault", "0:0:term:step:5", nproc=nproc, env=env, timeout=240)
+    assert first.returncode == 0, first.stdout
+    assert f"stopped by SIGTERM after step 5 of {2 * 256 // (8 * nproc)}" in first.stdout, first.stdout
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["batches"]) == (0, 5) and all("cuda" in r["rng"] for r in state["ranks"])
+    second = procs.torchrun(*args, "--resume", nproc=nproc, env=env, timeout=240)
+    assert second.returncode == 0, second.stdout
+    assert "then epoch 1, step 5/" in second.stdout and "final: val acc" in second.stdout, second.stdout

@@ -1,13 +1,13 @@
-"""The launch scripts as users run them: launch/run_cpu.sh (torchrun, gloo), checkpoint and
-resume, plain BatchNorm on the bundled digits, and launch/train_accelerate.py through
-``accelerate launch``. Tiny runs (a few hundred images, 2 processes), each under a deadline.
+"""The launch scripts as users run them: launch/run_cpu.sh (torchrun, gloo), plain BatchNorm on
+the bundled digits, and launch/train_accelerate.py through ``accelerate launch``. Tiny runs (a few
+hundred images, 2 processes), each under a deadline. Checkpoints, preemption and restarts:
+tests/test_preemption.py.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-import sys
 
 import pytest
 import torch
@@ -29,41 +29,6 @@ def _final(out: str) -> dict[str, str]:
     match = FINAL.search(out)
     assert match, f"no final metrics line in:\n{out}"
     return match.groupdict()
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_killed_run_resumes_exactly(tmp_path):
-    """A run killed (SIGKILL, like a preemption) after epoch 1 and resumed from its checkpoint
-    ends with the final metrics of an uninterrupted run, to the printed digit.
-
-    Everything is seeded (data, initial weights, the sampler's shuffle of each epoch) and the
-    checkpoint holds the model, the optimizer's momentum and the learning-rate schedule, so the
-    resumed run must retrace the uninterrupted one. bf16 autocast and channels_last ride along.
-    """
-    flags = [*TINY, "--amp", "bf16", "--channels-last", "--epochs", "3"]
-    ckpt = tmp_path / "ckpt.pt"
-    straight = _run_cpu(*flags)
-    assert "2 process(es), backend gloo" in straight and "9 x syncbn.SyncBatchNorm" in straight
-
-    # Rank 0 writes the checkpoint before it prints the epoch's line.
-    run_cpu = ["bash", str(procs.ROOT / "launch" / "run_cpu.sh")]
-    procs.run_until_line([*run_cpu, *flags, "--ckpt", str(ckpt)], "epoch 1/3", timeout=120)
-    done = torch.load(ckpt, weights_only=True)["epoch"]
-    assert done >= 1  # 1, unless epoch 2 finished before the kill landed (a very slow machine)
-    resumed = _run_cpu(*flags, "--ckpt", str(ckpt), "--resume")
-    assert f"resumed from {ckpt}: {done} epoch(s) done" in resumed
-    assert "epoch 1/3" not in resumed and "epoch 3/3" in resumed
-    assert _final(resumed) == _final(straight)
-
-    # The checkpoint is the plain model's state_dict: it loads into the unconverted ResNet.
-    state = torch.load(ckpt, weights_only=True)
-    assert state["epoch"] == 3
-    sys.path.insert(0, str(procs.ROOT / "launch"))
-    try:
-        from train import ResNet
-    finally:
-        sys.path.pop(0)
-    ResNet(3, 10, width=8).load_state_dict(state["model"])  # strict: the same keys
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
@@ -141,6 +106,13 @@ def test_run_cpu_rejects_bad_value_before_torchrun():
     result = procs.run(["bash", str(procs.ROOT / "launch" / "run_cpu.sh"), "--epochs", "0"], timeout=60)
     _assert_usage_error(result, "--epochs")
     assert result.stdout.count("error:") == 1, result.stdout
+
+
+@pytest.mark.parametrize("script", ["run_cpu.sh", "run_gpu.sh"])
+def test_run_scripts_reject_a_bad_max_restarts(script):
+    result = procs.run(["bash", str(procs.ROOT / "launch" / script)], env={"MAX_RESTARTS": "two"}, timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.strip() == f"{script}: MAX_RESTARTS=two is not a number of restarts (0, 1, ...)"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: run_gpu.sh would start training")
