@@ -41,6 +41,7 @@ from benchmarks.common import (
 ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 CHANNELS = [64, 128, 256, 512, 1024, 2048]
 WORLDS = [2, 4]
+QUICK_WORLDS = [2]  # a smoke run: the code path, not numbers
 COMPUTED_WORLDS = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 COMPUTED_CHANNELS = [256, 2048]
 FULL = {"rounds": 11, "iters": 20, "warmup": 10}
@@ -138,7 +139,8 @@ def main() -> None:
     fill_counts(args, FULL, QUICK, args.quick)
 
     measured: list[Row] = []
-    for world in WORLDS:
+    worlds = QUICK_WORLDS if args.quick else WORLDS
+    for world in worlds:
         print(f"measuring gloo, {world} processes ...", flush=True)
         rows = run_world(world, _measure, args)
         for channels in CHANNELS:
@@ -167,7 +169,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     ms = {(r.extras["world"], r.extras["channels"], r.provider): r.median_ms for r in measured}
-    pairs = [(w, c, ms[w, c, "syncbn all_reduce"], ms[w, c, "torch all_gather"]) for w in WORLDS for c in CHANNELS]
+    pairs = [(w, c, ms[w, c, "syncbn all_reduce"], ms[w, c, "torch all_gather"]) for w in worlds for c in CHANNELS]
     lines += [f"| {w} | {c} | {ours:.3f} | {theirs:.3f} |" for w, c, ours, theirs in pairs]
     ratios = [ours / theirs for _, _, ours, theirs in pairs]
     faster = "faster" if sorted(ratios)[len(ratios) // 2] < 1 else "slower"

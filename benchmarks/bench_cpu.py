@@ -57,6 +57,7 @@ LAYERS = [
     ((2, 32, 16, 56, 56), "contiguous", "3-D (N, C, D, H, W) activation"),
     ((2, 32, 16, 56, 56), "channels_last_3d", "the same, channels_last_3d"),
 ]
+QUICK_LAYERS = [LAYERS[0], LAYERS[4]]  # a smoke run: the code path, not numbers
 TINY = (4, 8)
 FLOOR_TARGET = 1.05
 TINY_TARGET = 1.5
@@ -114,7 +115,7 @@ def naive_sync_batch_norm(
 def _bench_rank(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
     alone, _ = dist.new_subgroups(group_size=1)  # a group of one rank: syncbn without communication
     rows = []
-    for shape, layout, _ in LAYERS:
+    for shape, layout, _ in QUICK_LAYERS if args.quick else LAYERS:
         channels = shape[1]
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(shape, generator=gen).contiguous(memory_format=FORMATS[layout]).requires_grad_()

@@ -133,8 +133,10 @@ def pytest_cmd(paths: list[str], per_test_timeout: int, workers: int = 0) -> lis
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "--durations=8"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd.append(f"--timeout={per_test_timeout}")
-    if workers > 1 and importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", str(workers)]
+    if importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(workers)]  # 0: in this process (the project's addopts ask for 2)
+    else:  # the project's addopts without the xdist options, which pytest would not know
+        cmd += ["-o", 'addopts=-ra -m "not soak"']
     return cmd + paths
 
 
