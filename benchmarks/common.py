@@ -53,11 +53,20 @@ class Timing:
     median: float
     p20: float
     p80: float
+    samples: tuple[float, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    """The samples in the order taken (for paired comparisons of interleaved candidates)."""
 
     @classmethod
     def of(cls, samples_ms: Sequence[float]) -> Timing:
         ordered = sorted(samples_ms)
-        return cls(_quantile(ordered, 0.5), _quantile(ordered, 0.2), _quantile(ordered, 0.8))
+        return cls(_quantile(ordered, 0.5), _quantile(ordered, 0.2), _quantile(ordered, 0.8), tuple(samples_ms))
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """The median over rounds of ``a``'s sample over ``b``'s of the same round: for candidates of
+    ``time_interleaved``, drift that lasts a round cancels, where a ratio of medians keeps it."""
+    ratios = sorted(x / y for x, y in zip(a.samples, b.samples, strict=True))
+    return _quantile(ratios, 0.5)
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
