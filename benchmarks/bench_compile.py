@@ -229,6 +229,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, configs: tuple) ->
                 layout="channels_last" if bf16 else "contiguous",
                 device=device_name(device),
                 model=label,
+                bn_layers=sum(isinstance(m, nn.BatchNorm2d) for m in factory().modules()),
                 world=world,
                 backend=args.backend,
                 steps_per_block=args.iters,
@@ -269,9 +270,10 @@ def step_table(rows: list[Row]) -> list[dict]:
     for model, world in keys:
         mine = [r for r in rows if (r.extras["model"], r.extras["world"]) == (model, world)]
         batch, _, image, _ = mine[0].shape
-        table.append(
-            {"model": model, "batch": batch, "image": image, "world": world, **{r.provider: r.median_ms for r in mine}}
-        )
+        table.append({
+            "model": model, "batch": batch, "image": image, "world": world,
+            "bn_layers": mine[0].extras.get("bn_layers"), **{r.provider: r.median_ms for r in mine},
+        })  # fmt: skip
     return table
 
 
@@ -295,6 +297,23 @@ def targets(row: dict) -> list[tuple[str, float, str, bool]]:
             )
         )
     return out
+
+
+def _why_missed(row: dict, target: str, value: float) -> str:
+    """By how much a target is missed, and what the row's own numbers say about why."""
+    gap = row["syncbn compiled"] - row["batchnorm compiled"]
+    text = f"- {row['model']}, world {row['world']}: {target} = {value:.3f}."
+    if row["world"] == 1 and "compiled BatchNorm" in target:
+        layers = row.get("bn_layers") or 1
+        rest = gap - row[ALL_REDUCE]
+        text += (
+            f" Compiled syncbn takes {gap:.2f} ms more per step than compiled BatchNorm: "
+            f"{row[ALL_REDUCE]:.2f} ms are the two collectives per layer themselves (a gloo group of one), "
+            f"the other {rest:.2f} ms ({1e3 * rest / layers:.0f} µs per BatchNorm layer, {layers} layers) the "
+            "traced layer's own work beyond inductor's BatchNorm: the shift of var_mean's input, the float64 "
+            "moments and statistics, the functional collectives' waits, which inductor does not fuse across."
+        )
+    return text
 
 
 def report(rows: list[dict], m: dict, name: str, args: argparse.Namespace) -> list[str]:
@@ -324,6 +343,9 @@ def report(rows: list[dict], m: dict, name: str, args: argparse.Namespace) -> li
             lines.append(
                 f"| {r['model']} | {r['world']} | {target} | {value:.3f} | {goal} | {'met' if met else '**missed**'} |"
             )
+    notes = [_why_missed(r, target, value) for r in rows for target, value, _, met in targets(r) if not met]
+    if notes:
+        lines += ["", "Missed targets:", "", *notes]
     lines.append(f"\n![step time]({name}.png)")
     return lines
 
