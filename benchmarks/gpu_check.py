@@ -297,14 +297,31 @@ def main() -> int:
     print("\n".join(bench_table(results_dir)))
     if os.environ.get("OUT"):
         log_dir = pack_logs(log_dir)
+        pack_results(results_dir)
     print(f"logs: {log_dir}  results: {results_dir}  total {time.time() - START:.0f} s")
     ok = all(s["status"] in ("OK",) or s["status"].startswith("SKIP") for s in steps)
     return 0 if ok else 1
 
 
+# Results read first, kept beside the archive: with logs.tar.gz, results.tar.gz and failures.txt,
+# at most 8 files come back from a lease.
+SUMMARIES = ("kernels-*.md", "train-*.md", "compile-*.md")
+
+
+def pack_results(results_dir: Path) -> Path:
+    """Every result file in $OUT/results.tar.gz; only the ``SUMMARIES`` stay loose beside it."""
+    archive = results_dir.parent / "results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(results_dir, arcname="results")
+    keep = {p for pattern in SUMMARIES for p in results_dir.glob(pattern)}
+    for path in results_dir.iterdir():
+        if path not in keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return archive
+
+
 def pack_logs(log_dir: Path) -> Path:
-    """The logs as one $OUT/logs.tar.gz: a lease returns at most 8 files (the results' up to 6,
-    this archive and failures.txt)."""
+    """The logs as one $OUT/logs.tar.gz (see ``SUMMARIES``)."""
     archive = log_dir.parent / "logs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(log_dir, arcname="logs")

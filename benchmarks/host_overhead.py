@@ -131,7 +131,7 @@ def report(shape: tuple[int, ...]) -> tuple[str, str]:
             "  backward_pass (no autograd)",
             host_us(
                 lambda: passes.backward_pass(
-                    grad, xd, wd, mean, invstd, count, call, (True, True, True), torch.float32
+                    grad, xd, wd, bias.detach(), mean, invstd, count, call, (True, True, True), torch.float32
                 ),
                 device=device,
             ),

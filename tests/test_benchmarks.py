@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -251,3 +253,19 @@ def test_memory_benchmark_counts_what_autograd_saves(tmp_path):
     md = bench_memory.report(rows, tmp_path, quick=True)
     assert "| pre-activation | SyncBatchNormAct(inplace=True) |" in md.read_text()
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_check_returns_at_most_eight_files(tmp_path):
+    """gpu_check's ``host`` step runs on a CPU too: its $OUT holds what a GPU lease brings back,
+    at most 8 files no more than 2 folders down (the archives, failures.txt, the summaries), and
+    the host-overhead table lists syncbn's layer and its parts."""
+    env = {**os.environ, "OUT": str(tmp_path)}
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--only", "host"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(tmp_path).parts) <= 3 for p in files), files
+    assert {p.name for p in files} >= {"logs.tar.gz", "results.tar.gz", "failures.txt"}
+    with tarfile.open(tmp_path / "results.tar.gz") as tar:
+        report = tar.extractfile("results/host-overhead-cpu.txt").read().decode()
+    assert "syncbn fwd+bwd" in report and "backward_pass (no autograd)" in report
