@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 import syncbn
+from syncbn import settings
 from tests.test_semantics import count_collectives
 
-BACKENDS = {"torch": {"SYNCBN_BACKEND": "torch"}, "triton": {"SYNCBN_BACKEND": "triton"}}
+BACKENDS = {"torch": {settings.BACKEND.name: "torch"}, "triton": {settings.BACKEND.name: "triton"}}
 # float32 layer against a float64 oracle on the same values
 TOL = dict(rtol=1e-5, atol=1e-5)
 

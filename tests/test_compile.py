@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import syncbn
+from syncbn import settings
 from syncbn.verify import Oracle
 from tests.oracle import LayerConfig
 from tests.test_layer import CASES, run_and_check
@@ -421,7 +422,7 @@ def test_compiled_model_matches_eager_and_compiles_once(pool, sizes):
     the two 8-channel layers' moments are both zeros: were they constants, the compiler would
     merge the two all-reduces into one on that rank only. (Inductor against eager: the
     checkpointing test below.)"""
-    results = _run_and_compare(pool, "conv", "aot_eager", sizes=sizes, env={"SYNCBN_COMPILE": "traced"})
+    results = _run_and_compare(pool, "conv", "aot_eager", sizes=sizes, env={settings.COMPILE.name: "traced"})
     assert [res["compiles"] for res in results] == [1, 1]
     sequences = [[(kind, [op for op in ops if len(op) == 3]) for kind, ops in res["graphs"]] for res in results]
     assert sequences[0] == sequences[1], sequences
@@ -435,7 +436,7 @@ def test_compiled_fused_and_inplace_activations_match_eager(pool, path):
     and save only their outputs). Traced: torch's activation after the traced normalization,
     one all-reduce per layer and pass as for SyncBatchNorm; as custom ops: the activation inside
     them (in place: a new output, which the backward op reads)."""
-    results = _run_and_compare(pool, "act", "aot_eager", sizes=[2, 3], steps=2, env={"SYNCBN_COMPILE": path})
+    results = _run_and_compare(pool, "act", "aot_eager", sizes=[2, 3], steps=2, env={settings.COMPILE.name: path})
     for res in results:
         collectives = [[op for op in ops if len(op) == 3] for _, ops in res["graphs"]]
         assert [len(c) for c in collectives] == ([4, 4] if path == "traced" else [0, 0]), collectives
@@ -593,7 +594,12 @@ def test_inductor_fuses_an_activation_into_the_normalize_step(pool):
 def test_compile_ops_path_with_triton_kernels(pool):
     # The custom ops, with the Triton kernels inside (Triton's interpreter on a CPU machine).
     _run_and_compare(
-        pool, "mlp", "aot_eager", sizes=[1, 3], steps=2, env={"SYNCBN_COMPILE": "ops", "SYNCBN_BACKEND": "triton"}
+        pool,
+        "mlp",
+        "aot_eager",
+        sizes=[1, 3],
+        steps=2,
+        env={settings.COMPILE.name: "ops", settings.BACKEND.name: "triton"},
     )
 
 
@@ -603,7 +609,7 @@ def _case_compiled_debug_mismatch(ctx):
     channels = 4 if ctx.rank == 0 else 6
     layer = syncbn.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(channels)), process_group=ctx.group)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    with mock.patch.dict(os.environ, {"SYNCBN_DEBUG": "1"}):
+    with mock.patch.dict(os.environ, {settings.DEBUG.name: "1"}):
         try:
             compiled(torch.randn(3, channels))
         except RuntimeError as err:

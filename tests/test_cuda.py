@@ -221,7 +221,7 @@ def nccl_group(tmp_path_factory):
 @pytest.fixture
 def always_sync(monkeypatch, nccl_group):
     """The synced path at world size 1, with a count of the all-reduces it makes."""
-    monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+    monkeypatch.setenv(settings.ALWAYS_SYNC.name, "1")
     calls = []
     real = sb_distributed.all_reduce_sum
 
@@ -377,12 +377,12 @@ def _state(model):
 @pytest.mark.parametrize("launch", ["ordinary-launch", "fast-launch"])
 @pytest.mark.parametrize("fused", [False, True], ids=["SyncBatchNorm", "SyncBatchNormAct"])
 def test_cuda_graph_training_step(request, monkeypatch, synced, channels_last, launch, fused):
-    monkeypatch.setenv("SYNCBN_TRITON_FAST_LAUNCH", "1" if launch == "fast-launch" else "0")
+    monkeypatch.setenv(settings.TRITON_FAST_LAUNCH.name, "1" if launch == "fast-launch" else "0")
     if synced:
         request.getfixturevalue("nccl_group")
-        monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+        monkeypatch.setenv(settings.ALWAYS_SYNC.name, "1")
     else:  # with or without a default group of one: no collective without SYNCBN_ALWAYS_SYNC
-        monkeypatch.delenv("SYNCBN_ALWAYS_SYNC", raising=False)
+        monkeypatch.delenv(settings.ALWAYS_SYNC.name, raising=False)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = _small_model(fused).to(memory_format=memory_format)
     eager = copy.deepcopy(model)
@@ -505,7 +505,7 @@ def test_eval_and_reference_backend_still_work(monkeypatch):
         layer(x),
         F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps),
     )  # fmt: skip
-    monkeypatch.setenv("SYNCBN_BACKEND", "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "torch")
     assert backend_name(x) == "torch"
     layer.train()
     layer(x).sum().backward()
@@ -554,7 +554,7 @@ def test_compile_inductor_fullgraph_matches_eager(always_sync, monkeypatch, chan
     a functional all-reduce; under CUDA graphs too), or the custom ops with syncbn's Triton
     kernels inside."""
     torch._dynamo.reset()  # SYNCBN_COMPILE is read when tracing
-    monkeypatch.setenv("SYNCBN_COMPILE", path)
+    monkeypatch.setenv(settings.COMPILE.name, path)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = _small_model().to(memory_format=memory_format)
     kwargs = {"backend": "inductor"} if mode is None else {"backend": "inductor", "mode": mode}
@@ -614,7 +614,7 @@ def test_debug_mode_over_nccl(always_sync, monkeypatch):
     twin = copy.deepcopy(model)
     x = make_input((8, 3, 16, 16), torch.float32)
     twin(x).sum().backward()
-    monkeypatch.setenv("SYNCBN_DEBUG", "1")
+    monkeypatch.setenv(settings.DEBUG.name, "1")
     sb_distributed.reset_debug_state()
     model(x).sum().backward()
     assert sb_distributed._debug_calls  # the checks ran
@@ -732,7 +732,7 @@ def test_lightning_plugin_on_gpus(tmp_path):
     from tests.test_lightning import check_lightning_run
 
     devices = min(2, torch.cuda.device_count())
-    check_lightning_run(tmp_path, "gpu", devices, env={} if devices > 1 else {"SYNCBN_ALWAYS_SYNC": "1"})
+    check_lightning_run(tmp_path, "gpu", devices, env={} if devices > 1 else {settings.ALWAYS_SYNC.name: "1"})
 
 
 def test_train_template_stops_and_resumes_on_nccl(tmp_path):

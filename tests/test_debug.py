@@ -25,9 +25,10 @@ import torch.nn as nn
 
 import syncbn
 from syncbn import distributed as sb_distributed
+from syncbn import settings
 from tests.test_semantics import count_collectives
 
-DEBUG = {"SYNCBN_DEBUG": "1"}
+DEBUG = {settings.DEBUG.name: "1"}
 SHORT_TIMEOUT_S = 3.0
 
 
@@ -155,7 +156,7 @@ def _case_debug_consistent(ctx, debug, n):
     for p in model.parameters():
         p.data.uniform_(-1, 1)
     x = torch.randn(n, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(ctx.rank)).requires_grad_()
-    env = DEBUG if debug else {"SYNCBN_DEBUG": "0"}
+    env = DEBUG if debug else {settings.DEBUG.name: "0"}
     with mock.patch.dict(os.environ, env), count_collectives() as calls:
         for _ in range(2):
             model(x).square().sum().backward()

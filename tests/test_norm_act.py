@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import syncbn
-from syncbn import activations
+from syncbn import activations, settings
 from syncbn.functional import DOUBLE_BACKWARD_MESSAGE, training_forward
 from tests.oracle import LayerConfig, make_data, make_params
 
@@ -499,7 +499,7 @@ HALF_LAYERS = [("relu", False), ("silu", False), ("gelu", False), ("leaky_relu",
 def test_half_precision_matches_the_oracle(pool, dtype, backend):
     cfg = LayerConfig(channels=3, spatial=(3, 4), sizes=[[2, 3]], dtype=dtype)
     (data,) = make_data(cfg)
-    env = {"SYNCBN_BACKEND": backend}
+    env = {settings.BACKEND.name: backend}
     results = pool.run(_case_layers, group="w2", args=(HALF_LAYERS, cfg, data, env), timeout=120)
     _check_against_oracle(results, HALF_LAYERS, cfg, data, HALF_TOL[cfg.torch_dtype], [2, 3])
 
@@ -579,7 +579,7 @@ def test_sub_groups_and_debug_mode(pool):
     cfg = LayerConfig(channels=3, spatial=(2, 3), sizes=[[2, 3]], seed=7)
     (data,) = make_data(cfg)
     layers = [("gelu", False), ("elu", True)]
-    results = pool.run(_case_layers, group="pairs", args=(layers, cfg, data, {"SYNCBN_DEBUG": "1"}))
+    results = pool.run(_case_layers, group="pairs", args=(layers, cfg, data, {settings.DEBUG.name: "1"}))
     for pair in (results[:2], results[2:]):
         _check_against_oracle(pair, layers, cfg, data, FLOAT64_TOL, [2, 3])
 
@@ -590,7 +590,7 @@ def _case_gradcheck_synced(ctx, layers):
     w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
     ok = []
-    with mock.patch.dict(os.environ, {"SYNCBN_ALWAYS_SYNC": "1"}):
+    with mock.patch.dict(os.environ, {settings.ALWAYS_SYNC.name: "1"}):
         for name, inplace in layers:
             spec = activations.spec(name, CASES[name][0], inplace)
 

@@ -57,7 +57,7 @@ def _rand(shape, seed, dtype=torch.float32):
 
 
 def _case_count_collectives(ctx, channels, n, always_sync):
-    env = {"SYNCBN_ALWAYS_SYNC": "1"} if always_sync else {}
+    env = {settings.ALWAYS_SYNC.name: "1"} if always_sync else {}
     layer = syncbn.SyncBatchNorm(channels, process_group=ctx.group).to(DEVICE)
     x = _rand((n, channels, 4, 4), ctx.rank).requires_grad_()
     with mock.patch.dict(os.environ, env), count_collectives() as forward_calls:

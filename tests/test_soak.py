@@ -209,7 +209,7 @@ def _compare(cfg: LayerConfig, data: list, expected: dict, results: list) -> lis
 def _run_episode(pool, group, cfg, backend, kind) -> tuple[int, list[str]]:
     """Run one episode; returns (steps run, mismatch messages)."""
     world = GROUPS[group]
-    env = {"SYNCBN_BACKEND": backend}
+    env = {settings.BACKEND.name: backend}
     data = make_data(cfg)
     if kind == "edge":
         per_rank = [[[step[r] for step in data]] for r in range(world)]

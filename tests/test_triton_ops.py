@@ -490,7 +490,7 @@ def test_fused_layer_makes_six_launches_per_forward_and_backward(inplace, monkey
         return real(plan, kernel, grid, args, consts)
 
     monkeypatch.setattr(triton_ops, "launch", recording)
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     spec = activations.spec("elu" if inplace else "silu", inplace=inplace)
     x = make_input((2, 3, 4, 4), torch.float32).requires_grad_()
     h = x * 1
@@ -553,13 +553,13 @@ def test_empty_input():
 
 def test_backend_selection(monkeypatch):
     x = torch.zeros(2, 3)
-    monkeypatch.delenv("SYNCBN_BACKEND", raising=False)
+    monkeypatch.delenv(settings.BACKEND.name, raising=False)
     assert backend_name(x) == "torch"  # CPU tensors take the torch path by default
     assert backend_name(x.double()) == "torch"
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     assert backend_name(x) == "triton"  # the CI hook
     assert backend_name(x.double()) == "torch"  # float64 always stays on the torch path
-    monkeypatch.setenv("SYNCBN_BACKEND", "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "torch")
     assert backend_name(x.cuda() if torch.cuda.is_available() else x) == "torch"
 
 
@@ -594,7 +594,7 @@ def test_six_launches_per_forward_and_backward(memory_format, monkeypatch):
 
     for name in KERNEL_NAMES:
         monkeypatch.setattr(triton_ops, name, Counting(name, getattr(triton_ops, name)))
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     x = make_input((2, 3, 4, 4), torch.float32, memory_format).requires_grad_()
     weight = torch.ones(3, device=DEVICE, requires_grad=True)
     bias = torch.zeros(3, device=DEVICE, requires_grad=True)
@@ -706,7 +706,7 @@ def test_every_launch_passes_runtime_args_positionally_and_constexprs_by_name(me
         return real(plan, kernel, grid, args, consts)
 
     monkeypatch.setattr(triton_ops, "launch", recording)
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     x = make_input((2, 3, 4, 4), torch.float32, memory_format).requires_grad_()
     for affine in (True, False):
         weight = torch.ones(3, device=DEVICE, requires_grad=True) if affine else None
@@ -763,7 +763,7 @@ def _train_two_steps(module, x_steps, dys):
     ids=["nchw", "nhwc-momentum-none", "ndhwc", "2d", "nhwc-bf16"],
 )
 def test_layer_with_triton_backend(monkeypatch, shape, memory_format, dtype, momentum):
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     ours, theirs = layer_pair(shape, momentum, DEVICE)
     xs = [make_input(shape, dtype, memory_format, seed=s) for s in (10, 11)]
     dys = [randn_like(x, s) for x, s in zip(xs, (20, 21))]
@@ -794,8 +794,8 @@ def test_layer_with_triton_backend_synced_world_of_one(monkeypatch, tmp_path):
 
     import syncbn
 
-    monkeypatch.setenv("SYNCBN_BACKEND", "triton")
-    monkeypatch.setenv("SYNCBN_ALWAYS_SYNC", "1")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
+    monkeypatch.setenv(settings.ALWAYS_SYNC.name, "1")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
