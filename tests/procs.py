@@ -49,11 +49,9 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
 
 
-def run(
-    args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = ROOT
-) -> subprocess.CompletedProcess:
-    """Run ``args``; return the completed process (stdout and stderr merged into ``.stdout``)."""
-    proc = subprocess.Popen(
+def _popen(args: list[str], env: dict[str, str] | None, cwd: Path) -> subprocess.Popen:
+    """``args`` started with this environment, stdout and stderr merged, no stdin."""
+    return subprocess.Popen(
         args,
         cwd=cwd,
         env=environment(env),
@@ -62,6 +60,13 @@ def run(
         text=True,
         stdin=subprocess.DEVNULL,
     )
+
+
+def run(
+    args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run ``args``; return the completed process (stdout and stderr merged into ``.stdout``)."""
+    proc = _popen(args, env, cwd)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -77,15 +82,7 @@ class Started:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.args = args
-        self.proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=environment(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
+        self.proc = _popen(args, env, cwd)
         self.lines: list[str] = []
         self._new: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
