@@ -44,6 +44,7 @@ from benchmarks.common import (
     fill_counts,
     meta,
     meta_line,
+    new_figure,
     output_dir,
     paired_ratio,
     run_world,
@@ -199,21 +200,15 @@ def cpu_report(rows: list[Row], world: int, out_dir: Path, quick: bool) -> Path:
 
 
 def plot(rows: list[Row], path: Path, m: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = [c for c in _cases(rows) if not c["key"][4]]
     labels = [f"{'x'.join(map(str, c['key'][0]))}\n{c['key'][1]}\n{c['key'][3]}" for c in cases]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cases)), 4))
+    fig, ax = new_figure(figsize=(max(6, 0.7 * len(cases)), 4))
     ax.bar(range(len(cases)), [c[FUSED].extras["vs_pair"] for c in cases], color="#4c72b0")
     ax.axhline(CPU_TARGET, color="black", linewidth=0.8, label=f"target {CPU_TARGET}")
     ax.set_xticks(range(len(cases)), labels, fontsize=6)
     ax.set_ylabel(f"{FUSED} / ({PAIR}), forward+backward")
     ax.set_title(f"2 gloo ranks, 1 thread each, float32; torch {m['torch']}, {m['date']}", fontsize=9)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
 
 

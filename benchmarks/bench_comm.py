@@ -29,6 +29,7 @@ from benchmarks.common import (
     fill_counts,
     meta,
     meta_line,
+    new_figure,
     output_dir,
     run_world,
     save_figure,
@@ -101,12 +102,7 @@ def _kib(b: float) -> str:
 
 
 def plot(measured: list[Row], computed: list[dict], path: Path, title_meta: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = new_figure(1, 2, figsize=(12, 4.5))
     for world in sorted({r.extras["world"] for r in measured}):
         left.plot(*latency(measured, "syncbn all_reduce", world), "o-", label=f"syncbn all-reduce, W={world}")
         left.plot(*latency(measured, "torch all_gather", world), "s--", label=f"torch all-gather, W={world}")

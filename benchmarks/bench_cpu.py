@@ -38,6 +38,7 @@ from benchmarks.common import (
     fill_counts,
     meta,
     meta_line,
+    new_figure,
     output_dir,
     paired_ratio,
     run_world,
@@ -353,14 +354,9 @@ WHERE_THE_TIME_WENT = [
 
 
 def plot(table: list[dict], path: Path, m: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{'x'.join(map(str, r['shape']))}\n{r['layout']}" for r in table]
     xs = range(len(table))
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = new_figure(figsize=(10, 4))
     width = 0.38
     ax.bar([i - width / 2 for i in xs], [r["syncbn / floor"] for r in table], width, label="syncbn")
     ax.bar([i + width / 2 for i in xs], [r["naive / floor"] for r in table], width, label="naive peer")
@@ -370,7 +366,6 @@ def plot(table: list[dict], path: Path, m: dict) -> None:
     ax.set_ylabel("time / floor (F.batch_norm + 2 all-reduces)")
     ax.set_title(f"2 gloo ranks, 1 thread each, float32; torch {m['torch']}, {m['date']}", fontsize=9)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
 
 

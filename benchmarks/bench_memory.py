@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import syncbn
-from benchmarks.common import Row, add_output_args, meta, meta_line, output_dir, save_figure, write_results
+from benchmarks.common import Row, add_output_args, meta, meta_line, new_figure, output_dir, save_figure, write_results
 
 NormAct = Callable[[int, bool], nn.Module]
 SLOPE = 0.01
@@ -343,12 +343,7 @@ def report(rows: list[Row], out_dir: Path, quick: bool) -> Path:
 
 
 def plot(rows: list[Row], path: Path, m: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = new_figure(figsize=(9, 4))
     labels, values, colors = [], [], []
     palette = ["#999999", "#4c72b0", "#55a868"]
     for backbone, group in _by_backbone(rows).items():
@@ -365,7 +360,6 @@ def plot(rows: list[Row], path: Path, m: dict) -> None:
     ax.set_xlabel("activation memory saved for backward (MiB)")
     ax.set_xlim(0, max(values) * 1.3)
     ax.set_title(f"DeepLabV3-ResNet50-like, {rows[0].shape} input, float32; torch {m['torch']}", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
 
 

@@ -43,6 +43,7 @@ from benchmarks.common import (
     fill_counts,
     meta,
     meta_line,
+    new_figure,
     output_dir,
     run_world,
     save_figure,
@@ -334,12 +335,7 @@ def run_cpu(args: argparse.Namespace, out: Path) -> None:
 
 
 def plot(rows: list[dict], choices: tuple[str, ...], path: Path, ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     width = 0.8 / len(choices)
     for i, choice in enumerate(choices):
         xs = [j + i * width for j in range(len(rows))]

@@ -372,11 +372,23 @@ def read_rows(path: Path) -> list[Row]:
     return [Row.from_json(r) for r in json.loads(Path(path).read_text())["rows"]]
 
 
+def new_figure(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``plt.subplots(*args, **kwargs)`` on the file-only Agg backend (no display needed);
+    imported here, when a benchmark plots, not when it starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
 def save_figure(fig: Any, path: Path) -> None:
-    """Lay out, write as PNG and release a matplotlib figure."""
+    """Lay out, write as PNG (its folder made if need be) and release a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
